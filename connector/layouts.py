@@ -90,7 +90,9 @@ def fill_random_(t: torch.Tensor, generator: torch.Generator | None = None) -> t
     if t.dtype.is_floating_point and t.element_size() >= 2 and t.dtype != torch.float8_e4m3fn:
         return t.normal_(generator=generator)
     raw = t.view(torch.uint8)
-    raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=generator))
+    raw.copy_(
+        torch.randint(0, 256, raw.shape, dtype=torch.uint8, device=t.device, generator=generator)
+    )
     if t.dtype == torch.float8_e4m3fn:  # avoid NaN encodings (0x7f / 0xff)
         raw.bitwise_and_(0x7E)
     return t

@@ -1,0 +1,163 @@
+{{/* Names, labels and the shared pieces of the prefill and decode workloads. */}}
+
+{{- define "kvbridge.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 40 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Release-scoped base name; role objects append -prefill / -decode(-headless). */}}
+{{- define "kvbridge.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "kvbridge.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kvbridge.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kvbridge.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "kvbridge.labels" -}}
+helm.sh/chart: {{ include "kvbridge.chart" . }}
+{{ include "kvbridge.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kvbridge
+{{- end }}
+
+{{/* (dict "root" $ "role" "prefill") */}}
+{{- define "kvbridge.roleSelectorLabels" -}}
+{{ include "kvbridge.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .role }}
+{{- end }}
+
+{{- define "kvbridge.roleLabels" -}}
+{{ include "kvbridge.labels" .root }}
+app.kubernetes.io/component: {{ .role }}
+{{- end }}
+
+{{- define "kvbridge.roleName" -}}
+{{- printf "%s-%s" (include "kvbridge.fullname" .root) .role }}
+{{- end }}
+
+{{- define "kvbridge.headlessName" -}}
+{{- printf "%s-%s-headless" (include "kvbridge.fullname" .root) .role }}
+{{- end }}
+
+{{- define "kvbridge.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kvbridge.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "kvbridge.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{/* Secret names (generated or existing). */}}
+{{- define "kvbridge.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "kvbridge.fullname" .)) .Values.auth.tls.existingSecret }}
+{{- end }}
+
+{{- define "kvbridge.generatedAuthSecretName" -}}
+{{- printf "%s-auth" (include "kvbridge.fullname" .) }}
+{{- end }}
+
+{{- define "kvbridge.tokenSecretName" -}}
+{{- default (include "kvbridge.generatedAuthSecretName" .) .Values.auth.token.existingSecret }}
+{{- end }}
+
+{{- define "kvbridge.sideSecretName" -}}
+{{- default (include "kvbridge.generatedAuthSecretName" .) .Values.auth.sideSecret.existingSecret }}
+{{- end }}
+
+{{/* The daemon config of a role: `config` merged with `<role>.config`. Returns YAML. */}}
+{{- define "kvbridge.roleConfig" -}}
+{{- $root := .root }}
+{{- $cfg := mustMergeOverwrite (deepCopy $root.Values.config) (deepCopy (index $root.Values .role).config) }}
+{{- if eq .role "decode" }}
+{{- $_ := set $cfg "prefill_policy" $root.Values.decode.prefillPolicy }}
+{{- end }}
+{{- toYaml $cfg }}
+{{- end }}
+
+{{/* In-cluster DNS suffix of the release namespace: <ns>.svc.<clusterDomain>. */}}
+{{- define "kvbridge.nsDomain" -}}
+{{- printf "%s.svc.%s" .Release.Namespace .Values.clusterDomain }}
+{{- end }}
+
+{{/* Probe mode after resolving "auto". */}}
+{{- define "kvbridge.probeMode" -}}
+{{- if eq .Values.probes.mode "auto" }}
+{{- ternary "grpc" "exec" .Values.auth.insecure }}
+{{- else }}
+{{- .Values.probes.mode }}
+{{- end }}
+{{- end }}
+
+{{/* The --prefill HOST:PORT list of the decode daemons, one per line. */}}
+{{- define "kvbridge.prefillTargets" -}}
+{{- $root := . }}
+{{- $headless := include "kvbridge.headlessName" (dict "root" $root "role" "prefill") }}
+{{- $domain := include "kvbridge.nsDomain" $root }}
+{{- $port := int $root.Values.ports.grpc }}
+{{- if eq $root.Values.decode.prefillDiscovery "pods" }}
+{{- $sts := include "kvbridge.roleName" (dict "root" $root "role" "prefill") }}
+{{- range $i := until (int $root.Values.prefill.replicas) }}
+{{ printf "%s-%d.%s.%s:%d" $sts $i $headless $domain $port }}
+{{- end }}
+{{- else if gt (int $root.Values.prefill.replicas) 0 }}
+{{ printf "%s.%s:%d" $headless $domain $port }}
+{{- end }}
+{{- range $root.Values.decode.prefillEndpoints }}
+{{ . }}
+{{- end }}
+{{- end }}
+
+{{/* Checks of values that the schema cannot express. */}}
+{{- define "kvbridge.validate" -}}
+{{- $p := .Values.ports }}
+{{- if or (eq (int $p.grpc) (int $p.side)) (eq (int $p.grpc) (int $p.metrics)) (eq (int $p.side) (int $p.metrics)) }}
+{{- fail (printf "ports: grpc (%v), side (%v) and metrics (%v) must be distinct" $p.grpc $p.side $p.metrics) }}
+{{- end }}
+{{- $pb := (mustMergeOverwrite (deepCopy .Values.config) (deepCopy .Values.prefill.config)).backend }}
+{{- $db := (mustMergeOverwrite (deepCopy .Values.config) (deepCopy .Values.decode.config)).backend }}
+{{- if ne $pb $db }}
+{{- fail (printf "config.backend: prefill uses %q but decode uses %q; both roles must use the same transfer backend" $pb $db) }}
+{{- end }}
+{{- range $role := list "prefill" "decode" }}
+{{- $drain := (include "kvbridge.roleConfig" (dict "root" $ "role" $role) | fromYaml).drain_timeout | default 30 }}
+{{- if le (float64 $.Values.terminationGracePeriodSeconds) (float64 $drain) }}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must exceed the %s daemons' drain_timeout (%v): SIGTERM would kill in-flight requests" $.Values.terminationGracePeriodSeconds $role $drain) }}
+{{- end }}
+{{- end }}
+{{- if and (gt (int .Values.decode.replicas) 0) (eq (int .Values.prefill.replicas) 0) (empty .Values.decode.prefillEndpoints) }}
+{{- fail "decode.replicas > 0 but there is no prefill daemon: set prefill.replicas > 0 or decode.prefillEndpoints" }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled }}
+{{- fail "metrics: enable serviceMonitor or podMonitor, not both (each pod would be scraped twice)" }}
+{{- end }}
+{{- if and (eq .Values.probes.mode "grpc") (not .Values.auth.insecure) }}
+{{- fail "probes.mode=grpc needs auth.insecure=true: the native gRPC probe cannot speak TLS (use exec or auto)" }}
+{{- end }}
+{{- if and (not .Values.auth.insecure) (not .Values.auth.tls.create) (not .Values.auth.tls.existingSecret) }}
+{{- fail "auth: TLS is on (auth.insecure=false) but there is no certificate: set auth.tls.existingSecret or auth.tls.create=true" }}
+{{- end }}
+{{- end }}

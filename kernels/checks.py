@@ -1,0 +1,244 @@
+"""Input validation for ``paged_decode``: shapes, dtypes, strides and index values.
+
+Everything here reads tensor metadata only, except ``check_indices`` which reads
+``block_table`` and ``seq_lens`` (one device sync on a GPU). Errors are
+``PagedDecodeError`` and name the argument and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+KV_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
+Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+class PagedDecodeError(ValueError):
+    """Bad input to ``paged_decode``, or a backend that cannot run it."""
+
+
+@dataclass(frozen=True)
+class DecodeProblem:
+    """The sizes of one decode call, read from the tensors' metadata."""
+
+    batch: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim_qk: int
+    head_dim_v: int
+    num_blocks: int
+    block_size: int
+    max_pages: int  # block_table width
+    kv_dtype: torch.dtype
+    q_dtype: torch.dtype
+    v_shares_k: bool  # V is the first head_dim_v columns of K (MLA latent)
+    scale: float
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head."""
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.kv_dtype == torch.float8_e4m3fn
+
+
+def _names(dtypes: tuple[torch.dtype, ...]) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def _require(cond: bool, msg: str | Callable[[], str]) -> None:
+    if not cond:
+        raise PagedDecodeError(msg() if callable(msg) else msg)
+
+
+def _check_scale(name: str, value: object, fp8: bool, kv_dtype: torch.dtype) -> None:
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        _require(value.numel() == 1, f"{name} must be a float or a one-element tensor")
+        _require(value.is_floating_point(), f"{name} tensor must be floating point")
+        _require(
+            fp8,
+            f"{name} given for a {_names((kv_dtype,))} cache; scales apply only to "
+            "float8_e4m3fn caches",
+        )
+        return
+    _require(isinstance(value, (int, float)), f"{name} must be a float or a tensor")
+    _require(math.isfinite(float(value)) and float(value) > 0, f"{name}={value} must be > 0")
+    _require(
+        fp8 or float(value) == 1.0,
+        f"{name}={value} given for a {_names((kv_dtype,))} cache; scales apply only to "
+        "float8_e4m3fn caches",
+    )
+
+
+def v_is_prefix_of_k(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """True when ``v`` is ``k[..., :Dv]`` (same storage, pointer and outer strides)."""
+    return (
+        v.data_ptr() == k.data_ptr()
+        and v.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+        and v.stride()[:3] == k.stride()[:3]
+        and v.shape[:3] == k.shape[:3]
+        and v.shape[3] <= k.shape[3]
+    )
+
+
+def check_inputs(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float | None,
+    k_scale: object,
+    v_scale: object,
+    out: torch.Tensor | None,
+) -> DecodeProblem:
+    """Validate metadata of every argument; return the problem sizes.
+
+    On the hot path (a few microseconds): messages are only formatted on failure.
+    """
+    named = (("q", q), ("k_cache", k_cache), ("v_cache", v_cache))
+    named += (("block_table", block_table), ("seq_lens", seq_lens))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise PagedDecodeError(f"{name} must be a torch.Tensor, got {type(t)}")
+    qs, ks, vs = q.shape, k_cache.shape, v_cache.shape
+    _require(len(qs) == 3, lambda: f"q must be (batch, q_heads, head_dim), got shape {tuple(qs)}")
+    for name, shape in (("k_cache", ks), ("v_cache", vs)):
+        if len(shape) != 4:
+            raise PagedDecodeError(
+                f"{name} must be (num_blocks, block_size, kv_heads, head_dim), got shape "
+                f"{tuple(shape)}"
+            )
+    dev = q.device
+    for name, t in named[1:]:
+        if t.device != dev:
+            raise PagedDecodeError(f"{name} is on {t.device} but q is on {dev}")
+    kd, qd = k_cache.dtype, q.dtype
+    _require(
+        kd in KV_DTYPES,
+        lambda: f"k_cache dtype {kd} unsupported; supported: {_names(KV_DTYPES)}",
+    )
+    _require(
+        v_cache.dtype == kd,
+        lambda: f"v_cache dtype {v_cache.dtype} differs from k_cache dtype {kd}",
+    )
+    _require(qd in Q_DTYPES, lambda: f"q dtype {qd} unsupported; supported: {_names(Q_DTYPES)}")
+    fp8 = kd == torch.float8_e4m3fn
+    _require(
+        fp8 or qd == kd,
+        lambda: (
+            f"q dtype {qd} must equal the cache dtype {kd} (only float8 caches may differ from q)"
+        ),
+    )
+    for name, t in named[:3]:
+        if t.stride(-1) != 1:
+            raise PagedDecodeError(
+                f"{name} must have stride 1 in its last dim (got strides {t.stride()}); other "
+                "strides may be anything"
+            )
+    n, bs, hkv, dqk = ks
+    _require(
+        vs[:3] == ks[:3],
+        lambda: (
+            f"v_cache shape {tuple(vs)} must match k_cache {tuple(ks)} in "
+            "(num_blocks, block_size, kv_heads)"
+        ),
+    )
+    b, hq, dq = qs
+    _require(bs >= 1 and hkv >= 1, lambda: f"k_cache shape {tuple(ks)} has an empty dim")
+    _require(dq == dqk, lambda: f"q head_dim {dq} differs from k_cache head_dim {dqk}")
+    _require(
+        hq >= 1 and hq % hkv == 0,
+        lambda: f"q heads ({hq}) must be a positive multiple of the KV heads ({hkv})",
+    )
+    bts = block_table.shape
+    _require(
+        len(bts) == 2 and block_table.dtype in INDEX_DTYPES and bts[0] == b,
+        lambda: (
+            f"block_table must be a 2-D int32/int64 tensor with {b} rows, got "
+            f"{block_table.dtype} of shape {tuple(bts)}"
+        ),
+    )
+    _require(
+        block_table.stride(1) == 1 or bts[1] <= 1,
+        lambda: "block_table must have stride 1 in its last dim",
+    )
+    _require(
+        seq_lens.dim() == 1 and seq_lens.dtype in INDEX_DTYPES and seq_lens.shape[0] == b,
+        lambda: (
+            f"seq_lens must be a 1-D int32/int64 tensor of length {b}, got "
+            f"{seq_lens.dtype} of shape {tuple(seq_lens.shape)}"
+        ),
+    )
+    dv = vs[3]
+    if out is not None:
+        _require(isinstance(out, torch.Tensor), lambda: "out must be a torch.Tensor")
+        _require(
+            out.shape == (b, hq, dv) and out.dtype == qd and out.device == dev,
+            lambda: (
+                f"out must be a {qd} tensor of shape {(b, hq, dv)} on {dev}, got "
+                f"{out.dtype} {tuple(out.shape)} on {out.device}"
+            ),
+        )
+        _require(out.stride(-1) == 1, lambda: "out must have stride 1 in its last dim")
+    if scale is None:
+        scale = 1.0 / math.sqrt(dqk)
+    _require(
+        isinstance(scale, (int, float)) and math.isfinite(float(scale)),
+        lambda: f"scale must be a finite float, got {scale!r}",
+    )
+    if k_scale is not None:
+        _check_scale("k_scale", k_scale, fp8, kd)
+    if v_scale is not None:
+        _check_scale("v_scale", v_scale, fp8, kd)
+    return DecodeProblem(
+        batch=b,
+        num_q_heads=hq,
+        num_kv_heads=hkv,
+        head_dim_qk=dqk,
+        head_dim_v=dv,
+        num_blocks=n,
+        block_size=bs,
+        max_pages=bts[1],
+        kv_dtype=kd,
+        q_dtype=qd,
+        v_shares_k=v_is_prefix_of_k(k_cache, v_cache),
+        scale=float(scale),
+    )
+
+
+def check_indices(block_table: torch.Tensor, seq_lens: torch.Tensor, p: DecodeProblem) -> None:
+    """Check that ``seq_lens`` fit the table and every needed block id is a cache block.
+
+    Entries past a sequence's length are ignored (they may be -1). One sync on a GPU.
+    """
+    cap = p.max_pages * p.block_size
+    sl = seq_lens.to(torch.int64)
+    bad_len = (sl < 0) | (sl > cap)
+    pages = torch.div(sl + p.block_size - 1, p.block_size, rounding_mode="floor")
+    col = torch.arange(p.max_pages, device=block_table.device)
+    needed = col[None, :] < pages[:, None]
+    bt = block_table.to(torch.int64)
+    bad_id = needed & ((bt < 0) | (bt >= p.num_blocks))
+    flags = torch.stack([bad_len.any(), bad_id.any()]).tolist()
+    if flags[0]:
+        i = int(bad_len.nonzero()[0, 0])
+        raise PagedDecodeError(
+            f"seq_lens[{i}] = {int(sl[i])} is outside [0, {cap}] (block_table has "
+            f"{p.max_pages} pages of {p.block_size} tokens)"
+        )
+    if flags[1]:
+        i, j = (int(x) for x in bad_id.nonzero()[0])
+        raise PagedDecodeError(
+            f"block_table[{i}, {j}] = {int(bt[i, j])} is not a cache block (0..{p.num_blocks - 1})"
+            f" but seq_lens[{i}] = {int(sl[i])} needs it"
+        )

@@ -1,0 +1,210 @@
+"""Launching the Triton paged decode: grid, split-K workspace, kernel arguments.
+
+``triton_paged_decode`` takes the views exactly as given and passes their data
+pointers and strides to the kernels: the cache is never copied. The only
+allocations are the split-K workspace, ``B * Hq * splits * (Dv + 1)`` fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import triton
+
+from .checks import DecodeProblem, PagedDecodeError
+from .triton_config import (
+    MAX_SPLITS,
+    TritonConfig,
+    ctas_per_sm,
+    default_config,
+    num_sms,
+    pick_splits,
+)
+from .triton_kernels import paged_decode_stage1, paged_decode_stage2
+
+LOG2E = 1.4426950408889634
+MAX_DV = 512
+MAX_TAIL = 128
+LAST_LAUNCH: dict = {}  # the last stage-1 compiled kernel and grid (for benchmarks)
+_OCCUPANCY: dict[tuple, int | None] = {}  # resident programs per SM, by kernel variant
+_PLANS: dict[tuple, LaunchPlan] = {}  # (problem, config, device) -> plan
+
+
+def is_interpreted() -> bool:
+    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(paged_decode_stage1, InterpretedFunction)
+
+
+def support_error(p: DecodeProblem) -> str | None:
+    """Why the Triton kernel cannot run ``p``, or None when it can."""
+    dqk, dv = p.head_dim_qk, p.head_dim_v
+    ok = dv % 8 == 0 and dqk % 8 == 0 and 16 <= dv <= MAX_DV and dv <= dqk <= dv + MAX_TAIL
+    if ok:
+        return None
+    return (
+        f"the Triton backend supports head_dim_v a multiple of 8 in [16, {MAX_DV}] and "
+        f"head_dim_qk a multiple of 8 in [head_dim_v, head_dim_v + {MAX_TAIL}] (e.g. 64, 80, "
+        f"96, 128, 256, and MLA 576/512); got head_dim_qk={dqk}, head_dim_v={dv}; use "
+        "backend='torch'"
+    )
+
+
+def _scale_args(s: object, device: torch.device) -> tuple[torch.Tensor | None, float, bool]:
+    """(pointer tensor or None, float value, whether the kernel reads the pointer)."""
+    if isinstance(s, torch.Tensor):
+        return s.reshape(()).to(device=device, dtype=torch.float32), 1.0, True
+    return None, 1.0 if s is None else float(s), False
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything about a launch that depends only on the problem and the config."""
+
+    grid: tuple[int, int, int]
+    splits: int
+    per_split: int
+    variant: tuple  # occupancy key without the DIRECT flag
+    meta: dict = field(hash=False, compare=False)  # stage-1 constexprs
+
+
+def _plan(p: DecodeProblem, cfg: TritonConfig, device: torch.device) -> tuple[LaunchPlan, bool]:
+    """The launch plan and whether it may be cached (its split count is final)."""
+    dqk, dv = p.head_dim_qk, p.head_dim_v
+    block_dv = max(16, triton.next_power_of_2(math.ceil(dv / max(1, int(cfg.dv_tiles)))))
+    dv_tiles = math.ceil(dv / block_dv)
+    shared = p.v_shares_k and dv_tiles == 1  # V is K[..., :dv]: read the latent once
+    da, dt = (dv, dqk - dv) if dqk > dv else (dqk, 0)
+    head_tiles = math.ceil(p.group / cfg.block_h)
+    programs = p.num_kv_heads * head_tiles * p.batch * dv_tiles
+    variant = (device, dataclasses.replace(cfg, num_splits=None), da, dt, dv, p.block_size)
+    variant += (p.q_dtype, p.kv_dtype, shared)
+    final = True
+    if cfg.num_splits is not None:
+        splits = max(1, min(int(cfg.num_splits), MAX_SPLITS))
+    else:
+        occ = (_OCCUPANCY.get((*variant, True)), _OCCUPANCY.get((*variant, False)))
+        final = device.type != "cuda" or None not in occ
+        sms = num_sms(device.index or 0) if device.type == "cuda" else 4
+        splits = pick_splits(p, programs, sms, cfg.block_n, occ)
+    cap = max(p.max_pages * p.block_size, 1)
+    per_split = math.ceil(max(cfg.block_n, math.ceil(cap / splits)) / cfg.block_n) * cfg.block_n
+    splits = max(1, math.ceil(cap / per_split))
+    meta = dict(
+        PAGE=p.block_size,
+        HEAD_TILES=head_tiles,
+        DV_TILES=dv_tiles,
+        DA=da,
+        DT=dt,
+        DV=dv,
+        BLOCK_DA=max(16, triton.next_power_of_2(da)),
+        BLOCK_DT=max(16, triton.next_power_of_2(dt)) if dt else 16,
+        BLOCK_DV=block_dv,
+        BLOCK_H=cfg.block_h,
+        BLOCK_N=cfg.block_n,
+        V_SHARED=shared,
+        DIRECT=splits == 1,
+        PRECISION="ieee" if p.q_dtype == torch.float32 else "tf32",
+        UPCAST=is_interpreted(),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    grid = (p.num_kv_heads * head_tiles * dv_tiles, p.batch, splits)
+    return LaunchPlan(grid, splits, per_split, variant, meta), final
+
+
+def triton_paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    p: DecodeProblem,
+    k_scale: object,
+    v_scale: object,
+    out: torch.Tensor,
+    config: TritonConfig | None = None,
+) -> torch.Tensor:
+    """Run the two-stage kernel into ``out`` (B, Hq, Dv); return ``out``."""
+    key = (p, config, q.device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        err = support_error(p)
+        if err:
+            raise PagedDecodeError(err)
+        if p.batch == 0:
+            return out
+        cfg = config or default_config(p)
+        if cfg.block_h < 16 or cfg.block_n < 16:
+            raise PagedDecodeError("TritonConfig.block_h and block_n must be >= 16 (tl.dot)")
+        plan, final = _plan(p, cfg, q.device)
+        if final:
+            if len(_PLANS) > 4096:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    ks_t, ks_v, ks_ptr = _scale_args(k_scale, q.device)
+    vs_t, vs_v, vs_ptr = _scale_args(v_scale, q.device)
+    splits, meta = plan.splits, plan.meta
+    direct = meta["DIRECT"]
+    if direct:
+        po, lse = out, out  # lse unused
+        s_po = (out.stride(0), out.stride(1), 0)
+        s_lse = (0, 0)
+    else:
+        dv = p.head_dim_v
+        po = torch.empty((p.batch, p.num_q_heads, splits, dv), dtype=torch.float32, device=q.device)
+        lse = torch.empty((p.batch, p.num_q_heads, splits), dtype=torch.float32, device=q.device)
+        s_po = po.stride()[:3]
+        s_lse = lse.stride()[:2]
+    kernel = paged_decode_stage1[plan.grid](
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        seq_lens,
+        po,
+        lse,
+        ks_t if ks_ptr else q,
+        vs_t if vs_ptr else q,
+        p.scale * LOG2E,
+        ks_v,
+        vs_v,
+        q.stride(0),
+        q.stride(1),
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        block_table.stride(0),
+        *s_po,
+        *s_lse,
+        p.num_blocks,
+        p.max_pages,
+        plan.per_split,
+        p.group,
+        K_SCALE_PTR=ks_ptr,
+        V_SCALE_PTR=vs_ptr,
+        **meta,
+    )
+    occ_key = (*plan.variant, direct)
+    if occ_key not in _OCCUPANCY:
+        _OCCUPANCY[occ_key] = ctas_per_sm(kernel, meta["num_warps"])
+    LAST_LAUNCH.update(stage1=kernel, grid=plan.grid, splits=splits)
+    if not direct:
+        paged_decode_stage2[(p.num_q_heads, p.batch)](
+            po,
+            lse,
+            out,
+            *po.stride()[:3],
+            *lse.stride()[:2],
+            out.stride(0),
+            out.stride(1),
+            splits,
+            DV=p.head_dim_v,
+            BLOCK_DV=max(16, triton.next_power_of_2(p.head_dim_v)),
+            BLOCK_S=max(2, triton.next_power_of_2(splits)),
+            num_warps=4,
+        )
+    return out
