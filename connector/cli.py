@@ -1,0 +1,139 @@
+"""The ``kvbridge`` command: daemons, client, demo and benchmarks.
+
+``build_parser()`` is the single source of the command-line interface (the Helm
+chart's container arguments are checked against it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+
+from kvbridge.connector.daemon.config import ConfigError, add_daemon_arguments
+
+DEFAULT_PROMPTS = (
+    "The quick brown fox",
+    "Disaggregated prefill moves the KV cache",
+    "Hello, world!",
+    "Paged attention reads blocks through strides",
+)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="client: generate through a decode daemon")
+    p.add_argument("--target", required=True, help="decode daemon HOST:PORT")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    p.add_argument("--prompt-tokens", default=None, help="prompt as comma-separated token ids")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--request-id", default="")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--json", action="store_true", help="print one JSON object per request")
+
+
+def _add_stats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stats", help="client: print a daemon's Stats")
+    p.add_argument("--target", required=True, help="daemon HOST:PORT")
+    p.add_argument("--include-finished", action="store_true")
+    p.add_argument("--timeout", type=float, default=10.0)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="local P/D demo on loopback (two daemon processes)")
+    p.add_argument("--backend", choices=("nixl", "mooncake"), default="nixl")
+    p.add_argument("--prefill-layout", default="packed", help="KV layout of the prefill daemon")
+    p.add_argument("--decode-layout", default="nhd", help="KV layout of the decode daemon")
+    p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--startup-timeout", type=float, default=60.0)
+    p.add_argument("--log-dir", default=None, help="keep the daemons' logs here")
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks")
+    bench = p.add_subparsers(dest="bench", required=True)
+    t = bench.add_parser("transfer", help="KV transfer benchmark (NIXL / Mooncake)")
+    try:
+        from kvbridge.connector import benchmark_transfer
+    except ImportError as exc:  # written by the transport work; keep the CLI usable without it
+        t.set_defaults(_bench_missing=str(exc))
+    else:
+        benchmark_transfer.add_arguments(t)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every ``kvbridge`` subcommand."""
+    parser = argparse.ArgumentParser(prog="kvbridge", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for role, text in (("prefill", "prefill daemon"), ("decode", "decode daemon")):
+        add_daemon_arguments(sub.add_parser(role, help=text), role)
+    _add_generate(sub)
+    _add_stats(sub)
+    _add_demo(sub)
+    _add_bench(sub)
+    return parser
+
+
+def _run_daemon(role: str, args: argparse.Namespace) -> int:
+    """Run a daemon and leave the process with its exit code (never returns)."""
+    from kvbridge.connector.daemon.config import resolve_config
+    from kvbridge.connector.daemon.server import run_daemon
+
+    rc = 1
+    try:
+        rc = run_daemon(resolve_config(role, args))
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"kvbridge {role}: error: {exc}", file=sys.stderr)
+        rc = 2
+    except OSError as exc:  # a port in use, an address we cannot bind
+        print(f"kvbridge {role}: error: {exc}", file=sys.stderr)
+    except Exception:
+        logging.getLogger(f"kvbridge.{role}").exception("daemon failed")
+        traceback.print_exc()
+    finally:
+        # Everything is drained and closed; skip interpreter teardown, where the
+        # NIXL/UCX library (nixl-cu12 1.5.1) segfaults while unloading.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = args.__dict__.pop("command")
+    try:
+        if command in ("prefill", "decode"):
+            return _run_daemon(command, args)
+        if command == "generate":
+            from kvbridge.connector.daemon.client import generate_main
+
+            return generate_main(args)
+        if command == "stats":
+            from kvbridge.connector.daemon.client import stats_main
+
+            return stats_main(args)
+        if command == "demo":
+            from kvbridge.connector.daemon.demo import run_demo
+
+            return run_demo(args)
+        if command == "bench":
+            missing = getattr(args, "_bench_missing", None)
+            if missing:
+                parser.error(f"bench transfer is unavailable: {missing}")
+            from kvbridge.connector import benchmark_transfer
+
+            return benchmark_transfer.run(args) or 0
+    except (ConfigError, FileNotFoundError) as exc:  # bad configuration: one clear line
+        print(f"kvbridge {command}: error: {exc}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Configuration precedence (flags > env > file > defaults) and the CLI surface."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from kvbridge.connector.cli import build_parser
+from kvbridge.connector.daemon.config import ConfigError, DaemonConfig, resolve_config
+
+
+def _args(argv: list[str]):
+    ns = build_parser().parse_args(argv)
+    del ns.command
+    return ns
+
+
+def test_defaults_without_any_source():
+    cfg = resolve_config("decode", _args(["decode"]), environ={})
+    assert cfg == DaemonConfig(role="decode")
+    assert (cfg.grpc_port, cfg.backend, cfg.kv_layout, cfg.prefill) == (50051, "nixl", "nhd", [])
+
+
+def test_flag_beats_env_beats_file_beats_default(tmp_path):
+    f = tmp_path / "kv.yaml"
+    f.write_text(
+        "grpc_port: 7001\nside-port: 7002\nmetrics_port: 7003\nkv_layout: packed\n"
+        "prefill: [a:1, b:2]\ninsecure: true\n"
+    )
+    env = {
+        "KVBRIDGE_SIDE_PORT": "8002",
+        "KVBRIDGE_METRICS_PORT": "8003",
+        "KVBRIDGE_CONFIG": str(f),
+        "KVBRIDGE_PREFILL_POLICY": "round-robin",
+    }
+    cfg = resolve_config(
+        "decode", _args(["decode", "--metrics-port", "9003", "--prefill", "c:3"]), env
+    )
+    assert (cfg.grpc_port, cfg.side_port, cfg.metrics_port) == (7001, 8002, 9003)
+    assert cfg.kv_layout == "packed" and cfg.insecure is True
+    assert cfg.prefill == ["c:3"] and cfg.prefill_policy == "round-robin"
+    cfg = resolve_config("decode", _args(["decode"]), {**env, "KVBRIDGE_PREFILL": "x:1, y:2"})
+    assert cfg.prefill == ["x:1", "y:2"]
+
+
+def test_json_config_file_via_flag(tmp_path):
+    f = tmp_path / "kv.json"
+    f.write_text(json.dumps({"backend": "mooncake", "num_blocks": 64, "lease_seconds": 2.5}))
+    cfg = resolve_config("prefill", _args(["prefill", "--config", str(f)]), environ={})
+    assert (cfg.backend, cfg.num_blocks, cfg.lease_seconds) == ("mooncake", 64, 2.5)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"KVBRIDGE_GRPC_PORT": "70000"}, "KVBRIDGE_GRPC_PORT.*--grpc-port.*outside"),
+        ({"KVBRIDGE_BACKEND": "tcp"}, "--backend must be one of nixl, mooncake"),
+        ({"KVBRIDGE_NUM_BLOCKS": "-3"}, "--num-blocks"),
+        ({"KVBRIDGE_PREFILL": "nohostport"}, "--prefill.*HOST:PORT"),
+        ({"KVBRIDGE_INSECURE": "maybe"}, "--insecure"),
+        ({"KVBRIDGE_VOCAB_SIZE": "100"}, "--vocab-size must exceed 256"),
+    ],
+)
+def test_bad_env_values_name_the_flag(env, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config("decode", _args(["decode"]), env)
+
+
+def test_bad_config_files(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("grpc_port: 1\nprefill: [a:1]\n")
+    with pytest.raises(ConfigError, match="unknown key 'prefill' for prefill"):
+        resolve_config("prefill", _args(["prefill", "--config", str(f)]), {})
+    f.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        resolve_config("prefill", _args(["prefill", "--config", str(f)]), {})
+    with pytest.raises(ConfigError, match="cannot read"):
+        resolve_config("prefill", _args(["prefill", "--config", str(tmp_path / "nope.yaml")]), {})
+
+
+def test_parser_has_the_documented_flags():
+    parser = build_parser()
+    flags = [
+        "--host",
+        "--advertise-host",
+        "--grpc-port",
+        "--side-port",
+        "--metrics-port",
+        "--backend",
+        "--kv-layout",
+        "--num-blocks",
+        "--block-size",
+        "--device",
+        "--lease-seconds",
+        "--transfer-timeout",
+        "--num-layers",
+        "--hidden-size",
+        "--num-heads",
+        "--num-kv-heads",
+        "--head-dim",
+        "--intermediate-size",
+        "--vocab-size",
+        "--seed",
+        "--model-path",
+        "--tls-cert",
+        "--tls-key",
+        "--tls-ca",
+        "--auth-token-file",
+        "--side-secret-file",
+        "--log-level",
+        "--config",
+    ]
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    for role in ("prefill", "decode"):
+        opts = {o for a in sub[role]._actions for o in a.option_strings}
+        assert set(flags) <= opts, set(flags) - opts
+        assert "--insecure" in opts
+    decode_opts = {o for a in sub["decode"]._actions for o in a.option_strings}
+    prefill_opts = {o for a in sub["prefill"]._actions for o in a.option_strings}
+    assert {"--prefill", "--prefill-policy"} <= decode_opts - prefill_opts
+    assert {"generate", "demo", "bench", "stats"} <= set(sub)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["decode", "--kv-layout", "mla"])  # not a GQA layout
+
+
+def test_auth_flags_are_refused_until_implemented(tmp_path):
+    from kvbridge.connector.daemon.server import Daemon
+
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    args = _args(["prefill", "--tls-cert", str(cert), "--tls-key", str(cert)])
+    cfg = resolve_config("prefill", args, environ={})
+    with pytest.raises(ConfigError, match="--tls-cert, --tls-key: TLS, tokens"):
+        Daemon(cfg)  # refused before anything starts
+    with pytest.raises(ConfigError, match="together"):
+        resolve_config("prefill", _args(["prefill", "--tls-cert", str(cert)]), environ={})

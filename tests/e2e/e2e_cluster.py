@@ -1,0 +1,57 @@
+"""Helpers of the e2e tests: daemon processes, gRPC stubs, /metrics scraping."""
+
+from __future__ import annotations
+
+import urllib.request
+from dataclasses import dataclass, field
+
+import grpc
+from kvbridge.connector.daemon.procs import DaemonProcess, free_port
+from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
+from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+NUM_BLOCKS = 64
+BLOCK_SIZE = 16
+
+
+def daemon_args(backend: str, layout: str, *extra: str) -> list[str]:
+    return [
+        "--backend", backend, "--kv-layout", layout, "--num-blocks", str(NUM_BLOCKS),
+        "--block-size", str(BLOCK_SIZE), "--grpc-port", "0", "--metrics-port", "0",
+        "--side-port", str(free_port()), "--insecure", "--transfer-timeout", "20", *extra,
+    ]  # fmt: skip
+
+
+@dataclass
+class Client:
+    target: str
+    channel: grpc.Channel = field(init=False)
+    stub: pb_grpc.KVBridgeServiceStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.channel = grpc.insecure_channel(self.target)
+        self.stub = pb_grpc.KVBridgeServiceStub(self.channel)
+
+    def stats(self, include_finished: bool = True) -> pb.StatsResponse:
+        return self.stub.Stats(pb.StatsRequest(include_finished=include_finished), timeout=10)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def scrape(proc: DaemonProcess) -> dict[str, float]:
+    """``{sample name{labels}: value}`` of a daemon's /metrics."""
+    with urllib.request.urlopen(proc.metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "role")
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def kv_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, itemsize: int = 4) -> int:
+    """Logical K+V bytes of one block over all layers."""
+    return 2 * num_layers * BLOCK_SIZE * num_kv_heads * head_dim * itemsize
