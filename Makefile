@@ -9,11 +9,12 @@ NIXL_VERSION ?= 1.5.1
 APT_PACKAGES := libibverbs1 librdmacm1 iproute2 nftables
 STAMP := $(VENV)/.kvbridge-installed
 HELM := .tools/bin/helm
+BUF := .tools/node_modules/.bin/buf
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format bench-topology bench-transfer clean helm test-deploy
+.PHONY: install demo test lint format bench-topology bench-transfer clean helm buf test-deploy
 
-install: $(STAMP) $(HELM)
+install: $(STAMP) $(HELM) $(BUF)
 
 $(STAMP): pyproject.toml Makefile
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -34,6 +35,13 @@ $(STAMP): pyproject.toml Makefile
 helm: $(HELM)
 $(HELM): deploy/fetch_helm.py | $(STAMP)
 	$(PY) deploy/fetch_helm.py
+
+# buf (proto lint) from the npm registry into .tools/; skipped with a note where npm is missing.
+buf: $(BUF)
+$(BUF):
+	@if command -v npm >/dev/null 2>&1; then \
+	  npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0; \
+	else echo "note: npm not found; the buf lint test will skip"; fi
 
 test-deploy: install
 	$(PY) -m pytest tests/deploy

@@ -54,7 +54,8 @@ def test_stubs_import_under_the_package_name_and_serve_every_rpc():
 
 
 def test_buf_lint_is_clean():
-    buf = shutil.which("buf")
+    local = ROOT / ".tools" / "node_modules" / ".bin" / "buf"
+    buf = str(local) if local.exists() else shutil.which("buf")
     if buf is None:
         pytest.skip("buf is not installed (npm install -g @bufbuild/buf)")
     res = subprocess.run([buf, "lint"], cwd=PROTO, capture_output=True, text=True, timeout=120)

@@ -1,0 +1,87 @@
+"""The transfer benchmarks' logic: baseline descriptors, JSON summary, a tiny real run,
+and the GPU benchmark's CPU-only parts (sizes, device checks)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from kvbridge.connector import benchmark_transfer as bt
+from kvbridge.connector import layouts
+from kvbridge.topology import TransferTopology
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _byte_set(reg, off, nb) -> set[tuple[int, int]]:
+    return {(int(r), int(o) + i) for r, o, n in zip(reg, off, nb, strict=True) for i in range(n)}
+
+
+@pytest.mark.parametrize("layout", ["packed", "nhd", "interleaved"])
+def test_per_block_descriptors_cover_exactly_the_blocks(layout):
+    cache = layouts.allocate(layout, num_layers=3, num_blocks=9, block_size=2, num_kv_heads=2,
+                             head_dim=4, device="meta")  # fmt: skip
+    topo = TransferTopology.from_caches(cache.layers)
+    ids = np.array([1, 2, 5, 8])
+    reg, off, nb = bt.per_block_descriptors(topo, 2, ids)
+    assert reg.size == 3 * 2 * ids.size  # one per (layer, K or V, block)
+    assert len(set(nb.tolist())) == 1  # all the size of one K (or V) block
+    ranges = topo.block_ranges(ids)
+    assert _byte_set(reg, off, nb) == _byte_set(ranges.region, ranges.offset, ranges.nbytes)
+
+
+def _args(**kw) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    bt.add_arguments(p)
+    return p.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in kw.items()])
+
+
+def test_tiny_run_prints_table_and_json(capsys):
+    args = _args(layers=2, kv_heads=2, head_dim=16, block_size=4, tokens="64,128", repeats=1)
+    args.json = True
+    assert bt.run(args) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])
+    assert set(summary) == {"memcpy_gbps", "backends"} and summary["memcpy_gbps"] > 0
+    assert set(summary["backends"]) == {"nixl", "mooncake"}
+    for v in summary["backends"].values():
+        assert set(v) == {"gbps", "baseline_gbps", "descriptors", "baseline_descriptors"}
+        assert v["gbps"] > 0 and v["baseline_gbps"] > 0
+        assert v["baseline_descriptors"] == 2 * 2 * 32  # layers x (K, V) x blocks of 128 tokens
+    assert any(line.startswith("nixl ") for line in out)
+
+
+def _gpu_bench():
+    spec = importlib.util.spec_from_file_location("gpu_transfer", ROOT / "bench/gpu_transfer.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_benchmark_cpu_parts(capsys):
+    gb = _gpu_bench()
+    p = argparse.ArgumentParser()
+    gb.add_arguments(p)
+    args = p.parse_args(["--tokens", "2048", "--dry-run"])
+    plan = gb.dry_plan(args)
+    assert (
+        plan["bytes"] == 2048 * 32 * 2 * 8 * 128 * 2
+    )  # tokens x layers x K,V x heads x dim x bf16
+    assert plan["descriptors"] == 32 and plan["regions"] == 32
+    assert gb.run(args) == 0 and json.loads(capsys.readouterr().out)["tokens"] == 2048
+    if not torch.cuda.is_available():
+        assert "CUDA" in gb.gpu_problem(("cuda:0", "cuda:1"))
+        assert gb.run(p.parse_args(["--tokens", "64"])) == 2
+    res = argparse.Namespace(descriptors=32, engine_descriptors=32)
+    out = gb.summarize(2 << 30, [0.5, 0.25, 1.0], 16.0, res, args)
+    assert out["nixl_gbps"] == pytest.approx(4.295, abs=1e-3) and out["ratio"] == pytest.approx(
+        4.295 / 16, abs=1e-3
+    )
+    cache = layouts.allocate("packed", num_layers=2, num_blocks=6, block_size=2, num_kv_heads=1,
+                             head_dim=4, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert gb.checksum(cache, np.array([1, 2])) != gb.checksum(cache, np.array([3, 4]))
