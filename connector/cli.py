@@ -22,6 +22,16 @@ DEFAULT_PROMPTS = (
 )
 
 
+def _add_client_auth(p: argparse.ArgumentParser) -> None:
+    """How a client dials an authenticated daemon (none of them: plaintext)."""
+    g = p.add_argument_group("authentication (daemons run without --insecure)")
+    g.add_argument("--tls-ca", help="PEM CA bundle to verify the daemon (enables TLS)")
+    g.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    g.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    g.add_argument("--tls-server-name", default="", help="name expected in the daemon's cert")
+    g.add_argument("--auth-token-file", help="file holding the bearer token")
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="client: generate through a decode daemon")
     p.add_argument("--target", required=True, help="decode daemon HOST:PORT")
@@ -31,6 +41,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-id", default="")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--json", action="store_true", help="print one JSON object per request")
+    p.add_argument(
+        "--verify-kv", action="store_true", help="check the pulled KV by checksum (costs a copy)"
+    )
+    _add_client_auth(p)
 
 
 def _add_stats(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +52,7 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", required=True, help="daemon HOST:PORT")
     p.add_argument("--include-finished", action="store_true")
     p.add_argument("--timeout", type=float, default=10.0)
+    _add_client_auth(p)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf import json_format
+from kvbridge.connector.daemon.security import ClientAuth
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 
@@ -50,6 +51,7 @@ def generate(
     request_id: str = "",
     timeout: float = 120.0,
     on_tokens=None,
+    verify_kv: bool = False,
 ) -> Generation:
     """Run one Generate call to the end (``on_tokens(ids, text)`` sees each message)."""
     out = Generation()
@@ -60,6 +62,7 @@ def generate(
             prompt=prompt,
             prompt_token_ids=prompt_token_ids or [],
             max_new_tokens=max_new_tokens,
+            verify_kv=verify_kv,
         ),
         timeout=timeout,
     )
@@ -86,6 +89,17 @@ def describe_transfer(t: pb.TransferInfo | None) -> str:
     )
 
 
+def client_auth(args: argparse.Namespace) -> ClientAuth:
+    """The ``--tls-*`` / ``--auth-token-file`` flags of a client subcommand."""
+    return ClientAuth.from_files(
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        auth_token_file=args.auth_token_file,
+        server_name=args.tls_server_name,
+    )
+
+
 def generate_main(args: argparse.Namespace) -> int:
     prompts: list[tuple[str, list[int] | None]] = [(p, None) for p in args.prompt]
     if args.prompt_tokens:
@@ -102,7 +116,7 @@ def generate_main(args: argparse.Namespace) -> int:
         print("kvbridge generate: give --prompt TEXT or --prompt-tokens IDS", file=sys.stderr)
         return 2
     rc = 0
-    with grpc.insecure_channel(args.target) as channel:
+    with client_auth(args).channel(args.target) as channel:
         stub = pb_grpc.KVBridgeServiceStub(channel)
         for i, (text, ids) in enumerate(prompts):
             rid = (
@@ -122,6 +136,7 @@ def generate_main(args: argparse.Namespace) -> int:
                     request_id=rid,
                     timeout=args.timeout,
                     on_tokens=stream_cb,
+                    verify_kv=args.verify_kv,
                 )
             except grpc.RpcError as exc:
                 print(f"\nkvbridge generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -135,7 +150,7 @@ def generate_main(args: argparse.Namespace) -> int:
 
 
 def stats_main(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.target) as channel:
+    with client_auth(args).channel(args.target) as channel:
         stub = pb_grpc.KVBridgeServiceStub(channel)
         try:
             resp = stub.Stats(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -37,6 +38,7 @@ def stats_response(
     rt: DaemonRuntime, role: int, include_finished: bool, leased_blocks: int = 0
 ) -> pb.StatsResponse:
     c, reg = rt.counters, rt.registry.counters
+    threads = threading.enumerate()
     return pb.StatsResponse(
         role=role,
         engine_name=rt.name,
@@ -49,6 +51,10 @@ def stats_response(
         draining=rt.draining.is_set(),
         block_size=rt.cfg.block_size,
         compat_hash=rt.compat_hash,
+        quarantined_blocks=rt.quarantine.num_blocks,
+        threads=len(threads),
+        thread_names=sorted(t.name for t in threads),
+        guard_band_bytes_changed=rt.guard_band_bytes_changed(),
         requests=[request_status(r) for r in rt.registry.snapshot(include_finished)],
         counters=pb.Counters(
             requests_total=int(reg["requests_total"]),
@@ -62,17 +68,23 @@ def stats_response(
             lease_expiries=int(c["lease_expiries"]),
             leases_released=int(c["leases_released"]),
             tokens_generated=int(c["tokens_generated"]),
+            corrupt_transfers=int(c["corrupt_transfers"]),
+            transfer_retries=int(c["transfer_retries"]),
+            auth_failures=int(c["auth_failures"]),
         ),
     )
 
 
 def check_request_id(
-    request_id: str, context: grpc.ServicerContext, limit: int = MAX_REQUEST_ID
+    request_id: str,
+    context: grpc.ServicerContext,
+    limit: int = MAX_REQUEST_ID,
+    field: str = "request_id",
 ) -> None:
-    if len(request_id) > limit or any(ord(ch) < 32 for ch in request_id):
+    if len(request_id) > limit or any(ord(ch) < 32 or ord(ch) == 127 for ch in request_id):
         context.abort(
             grpc.StatusCode.INVALID_ARGUMENT,
-            f"request_id must be at most {limit} printable characters",
+            f"{field} must be at most {limit} printable characters",
         )
 
 
@@ -84,6 +96,47 @@ def check_tokens(tokens: list[int], vocab_size: int, context: grpc.ServicerConte
         context.abort(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"prompt token ids must lie in [0, {vocab_size}); got {bad[:4]}",
+        )
+
+
+class RequestDecodeInterceptor(grpc.ServerInterceptor):
+    """Request bytes that are not a valid message answer ``INVALID_ARGUMENT`` naming the RPC
+    (gRPC's own answer would be ``INTERNAL: Exception deserializing request!``)."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if (
+            handler is None
+            or not method.startswith(f"/{SERVICE_NAME}/")
+            or handler.request_streaming
+            or handler.request_deserializer is None
+        ):
+            return handler
+        parse, name = handler.request_deserializer, method.rsplit("/", 1)[-1]
+
+        def decode(raw: bytes, context: grpc.ServicerContext):
+            try:
+                return parse(raw)
+            except Exception as exc:  # protobuf's DecodeError and friends
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{name}: the request is not a valid {name}Request message: {exc}",
+                )
+
+        if handler.response_streaming:
+            stream = handler.unary_stream
+
+            def streaming(raw, context):
+                yield from stream(decode(raw, context), context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                streaming, response_serializer=handler.response_serializer
+            )
+        unary = handler.unary_unary
+        return grpc.unary_unary_rpc_method_handler(
+            lambda raw, context: unary(decode(raw, context), context),
+            response_serializer=handler.response_serializer,
         )
 
 

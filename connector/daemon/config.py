@@ -118,6 +118,26 @@ FLAGS: tuple[Flag, ...] = (
     Flag("max-new-tokens", _positive_int, 4096, "largest max_new_tokens a request may ask"),
     Flag("engine-name", str, None, "transfer-engine name (default: ROLE-HOST-PID)"),
     Flag("ready-file", str, None, "write bound ports as JSON to this file when serving"),
+    Flag(
+        "pull-retries",
+        int,
+        1,
+        "retries of a failed KV pull while the prefill lease lasts (decode)",
+        roles=("decode",),
+    ),
+    Flag(
+        "engine-drain-seconds",
+        _positive_float,
+        930.0,
+        "Mooncake: seconds the blocks of a failed transfer stay quarantined (in-flight "
+        "slices may still land; Linux TCP abandons a stalled connection after ~15 min)",
+    ),
+    Flag(
+        "guard-bytes",
+        int,
+        0,
+        "debug: poison bands of this many bytes around each cache allocation (Stats checks them)",
+    ),
     Flag("num-layers", _positive_int, _MODEL.num_layers, "model layers"),
     Flag("hidden-size", _positive_int, _MODEL.hidden_size, "model hidden size"),
     Flag("num-heads", _positive_int, _MODEL.num_heads, "attention query heads"),
@@ -181,6 +201,9 @@ class DaemonConfig:
     max_new_tokens: int = 4096
     engine_name: str | None = None
     ready_file: str | None = None
+    pull_retries: int = 1
+    engine_drain_seconds: float = 930.0
+    guard_bytes: int = 0
     num_layers: int = _MODEL.num_layers
     hidden_size: int = _MODEL.hidden_size
     num_heads: int = _MODEL.num_heads
@@ -329,4 +352,8 @@ def resolve_config(
         raise ConfigError(f"--vocab-size must exceed 256 (byte tokenizer), got {cfg.vocab_size}")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ConfigError("--tls-cert and --tls-key must be given together")
+    if not 0 <= cfg.pull_retries <= 10:
+        raise ConfigError(f"--pull-retries must lie in [0, 10], got {cfg.pull_retries}")
+    if not 0 <= cfg.guard_bytes <= 1 << 30:
+        raise ConfigError(f"--guard-bytes must lie in [0, 2**30], got {cfg.guard_bytes}")
     return cfg

@@ -5,20 +5,29 @@ Per request (state in ``Stats``)::
     WAITING       local blocks allocated, Prefill RPC on a prefill daemon
     TRANSFERRING  KV blocks pulled with the transfer agent, prefill lease released
     DECODING      greedy decode steps with kernels.paged_decode, tokens streamed
-    DONE/FAILED   local blocks freed (always, whatever happened)
+    DONE/FAILED   local blocks freed (always, whatever happened); blocks a failed or
+                  aborted pull may still be written by the engine are quarantined
+                  first and freed once the engine lets go of them
+
+A failed pull is retried (``--pull-retries``) while the lease lasts when the engine
+reported a failure (not a timeout, not bad input) and is done with the blocks.
 """
 
 from __future__ import annotations
 
+import hmac
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import torch
 from kvbridge.connector.daemon.allocator import OutOfBlocksError
+from kvbridge.connector.daemon.checksum import kv_checksum
 from kvbridge.connector.daemon.common import check_request_id, check_tokens, stats_response
 from kvbridge.connector.daemon.prefill_pool import PrefillPool
+from kvbridge.connector.daemon.pull import PullError
 from kvbridge.connector.daemon.runtime import DaemonRuntime
 from kvbridge.connector.daemon.states import RequestRecord, RequestState
 from kvbridge.connector.model import blocks_needed
@@ -27,6 +36,10 @@ from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 
 LEASE_MARGIN_SECONDS = 0.5  # a pull must end this long before the prefill lease does
 BLOCK_WAIT_SECONDS = 5.0  # how long Generate waits for free local blocks
+
+
+# blocks a failed pull may still write, and how to ask whether the engine is done
+Held = list[tuple[list[int], Callable[[], bool]]]
 
 
 class RequestFailedError(Exception):
@@ -53,6 +66,14 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         rt, cfg = self.rt, self.rt.cfg
         request_id = request.request_id or uuid.uuid4().hex
         check_request_id(request_id, context)
+        most = cfg.num_blocks * cfg.block_size  # checked before any per-token work
+        given = len(request.prompt_token_ids) or len(request.prompt.encode("utf-8", "replace"))
+        if given > most:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt of {given} tokens needs more blocks than the decode cache's "
+                f"{cfg.num_blocks} of {cfg.block_size} tokens",
+            )
         tokens = list(request.prompt_token_ids) or (
             rt.tokenizer.encode(request.prompt) if request.prompt else []
         )
@@ -75,6 +96,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         except ValueError as exc:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         local: list[int] = []
+        held: Held = []
         try:
             try:
                 local = rt.allocator.allocate(n_local, timeout=BLOCK_WAIT_SECONDS)
@@ -83,7 +105,9 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                     grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode cache full: {exc}"
                 ) from None
             rec.num_blocks = n_local
-            info, first = self._prefill_and_pull(rec, tokens, local, context)
+            info, first = self._prefill_and_pull(
+                rec, tokens, local, context, held, request.verify_kv
+            )
             rt.registry.transition(request_id, RequestState.DECODING)
             yield pb.GenerateResponse(
                 request_id=request_id,
@@ -106,14 +130,29 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 rt.log.exception("generate failed", extra={"request_id": request_id})
             raise
         finally:
-            if local:
-                rt.allocator.free(local)
+            self._free(rec, local, held)
             self._aborted.discard(request_id)
 
+    def _free(self, rec: RequestRecord, local: list[int], held: Held) -> None:
+        """Free the request's blocks; those an engine may still write go to quarantine."""
+        rt = self.rt
+        busy = {b for ids, _ in held for b in ids}
+        rest = [b for b in local if b not in busy]
+        if rest:
+            rt.allocator.free(rest)
+        for ids, quiet in held:
+            rt.quarantine.release_or_hold(ids, quiet, f"request {rec.request_id}: failed pull")
+
     def _prefill_and_pull(
-        self, rec: RequestRecord, tokens: list[int], local: list[int], context: grpc.ServicerContext
+        self,
+        rec: RequestRecord,
+        tokens: list[int],
+        local: list[int],
+        context: grpc.ServicerContext,
+        held: Held,
+        verify: bool = False,
     ) -> tuple[pb.TransferInfo, int]:
-        rt, cfg = self.rt, self.rt.cfg
+        rt = self.rt
         prefill_id = f"{rt.name}/{rec.request_id}"
         last_error = "no prefill daemon answered"
         for target in self.pool.order():
@@ -122,9 +161,12 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 try:
                     resp = stub.Prefill(
                         pb.PrefillRequest(
-                            request_id=prefill_id, prompt_token_ids=tokens, requester=rt.name
+                            request_id=prefill_id,
+                            prompt_token_ids=tokens,
+                            requester=rt.name,
+                            kv_checksum=verify,
                         ),
-                        timeout=cfg.request_timeout,
+                        timeout=self._call_timeout(context),
                     )
                 except grpc.RpcError as exc:
                     last_error = f"prefill daemon {target}: {exc.code().name}: {exc.details()}"
@@ -144,14 +186,37 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 received = time.monotonic()
                 rt.registry.transition(rec.request_id, RequestState.TRANSFERRING)
                 try:
-                    info = self._pull(rec, resp.handle, local, received, target)
-                finally:
-                    self._release(stub, resp.handle.request_id)
+                    info = self._pull(rec, resp.handle, local, received, target, context, held)
+                    if verify:
+                        info.kv_checksum = self._verify(rec, resp.handle, local)
+                except BaseException:
+                    # fail the request now; the lease ends on this Release or on expiry
+                    threading.Thread(
+                        target=self._release,
+                        args=(stub, resp.handle.request_id, "pull failed"),
+                        name="kvbridge-release",
+                        daemon=True,
+                    ).start()
+                    raise
+                self._release(stub, resp.handle.request_id)
                 return info, resp.handle.first_token_id
         raise RequestFailedError(grpc.StatusCode.UNAVAILABLE, last_error)
 
+    def _call_timeout(self, context: grpc.ServicerContext) -> float:
+        """``--request-timeout``, shortened to what is left of the client's own deadline."""
+        left = context.time_remaining()
+        timeout = self.rt.cfg.request_timeout
+        return timeout if left is None else max(min(timeout, left), 0.0)
+
     def _pull(
-        self, rec: RequestRecord, h: pb.KVHandle, local: list[int], received: float, target: str
+        self,
+        rec: RequestRecord,
+        h: pb.KVHandle,
+        local: list[int],
+        received: float,
+        target: str,
+        context: grpc.ServicerContext,
+        held: Held,
     ) -> pb.TransferInfo:
         rt, cfg = self.rt, self.rt.cfg
         n_src = len(h.block_ids)
@@ -169,21 +234,56 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 f"prefill {target} returned {n_src} blocks for {h.num_tokens} tokens "
                 f"(sent {rec.num_prompt_tokens})",
             )
-        deadline = received + h.lease_seconds_left - LEASE_MARGIN_SECONDS
-        budget = min(cfg.transfer_timeout, deadline - time.monotonic())
-        if budget <= 0:
+        if not 0 <= h.lease_seconds_left <= 3600:  # also refuses NaN
             raise RequestFailedError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"prefill lease of {h.lease_seconds_left:.3f}s too short to pull",
+                grpc.StatusCode.INTERNAL,
+                f"prefill {target} returned a lease of {h.lease_seconds_left} s",
             )
-        try:
-            result = self.endpoint.pull(h, local[:n_src], timeout=budget)
-        except Exception as exc:
-            rt.count(transfer_failures=1)
-            rt.metrics.transfer_failures.inc()
-            raise RequestFailedError(
-                grpc.StatusCode.UNAVAILABLE, f"KV pull from {h.engine_name} failed: {exc}"
-            ) from None
+        deadline = received + h.lease_seconds_left - LEASE_MARGIN_SECONDS
+        until = min(deadline, time.monotonic() + cfg.transfer_timeout)  # all attempts together
+        dst = local[:n_src]
+
+        def aborted() -> bool:
+            return rec.request_id in self._aborted or not context.is_active()
+
+        attempts = 0
+        while True:
+            attempts += 1
+            budget = until - time.monotonic()
+            if budget <= 0 and attempts == 1:
+                raise RequestFailedError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"prefill lease of {h.lease_seconds_left:.3f}s too short to pull",
+                )
+            try:
+                result = self.endpoint.pull(h, dst, timeout=budget, aborted=aborted)
+                break
+            except PullError as exc:
+                rt.count(transfer_failures=1)
+                rt.metrics.transfer_failures.inc()
+                quiet = exc.quiet()
+                if not quiet:
+                    held.append((dst, exc.quiet))
+                if exc.aborted:
+                    raise RequestFailedError(
+                        grpc.StatusCode.CANCELLED, f"request aborted during the KV pull: {exc}"
+                    ) from None
+                retry = exc.retryable and attempts <= cfg.pull_retries and not aborted()
+                if not (quiet and retry and until - time.monotonic() > 0.1):
+                    code = (
+                        grpc.StatusCode.DEADLINE_EXCEEDED
+                        if exc.timed_out
+                        else grpc.StatusCode.UNAVAILABLE
+                    )
+                    raise RequestFailedError(
+                        code, f"KV pull from {h.engine_name} failed (attempt {attempts}): {exc}"
+                    ) from None
+                rt.count(transfer_retries=1)
+                rt.metrics.transfer_retries.inc()
+                rt.log.warning(
+                    "KV pull failed, retrying",
+                    extra={"request_id": rec.request_id, "peer": h.engine_name, "error": str(exc)},
+                )
         if time.monotonic() > deadline:
             rt.count(transfer_failures=1)
             rt.metrics.transfer_failures.inc()
@@ -228,7 +328,30 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
             handshake_seconds=getattr(result, "handshake_seconds", 0.0),
             src_layout=h.kv_layout,
             dst_layout=cfg.kv_layout,
+            attempts=attempts,
         )
+
+    def _verify(self, rec: RequestRecord, h: pb.KVHandle, local: list[int]) -> str:
+        """Checksum the received KV; DATA_LOSS when it differs from the prefill's."""
+        rt = self.rt
+        if not h.kv_checksum:
+            raise RequestFailedError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"verify_kv: prefill {h.engine_name} returned no KV checksum",
+            )
+        got = kv_checksum(rt.cache, local[: len(h.block_ids)], int(h.num_tokens))
+        if not hmac.compare_digest(got, h.kv_checksum):
+            rt.count(corrupt_transfers=1)
+            rt.metrics.corrupt_transfers.inc()
+            rt.log.error(
+                "received KV differs from the prefill's",
+                extra={"request_id": rec.request_id, "want": h.kv_checksum, "got": got},
+            )
+            raise RequestFailedError(
+                grpc.StatusCode.DATA_LOSS,
+                f"KV checksum mismatch: prefill {h.kv_checksum}, received {got}",
+            )
+        return got
 
     def _release(
         self, stub: pb_grpc.KVBridgeServiceStub, prefill_id: str, reason: str = "pulled"

@@ -25,6 +25,11 @@ class DaemonMetrics:
     blocks_in_use: Gauge
     blocks_leased: Gauge
     requests_in_flight: Gauge
+    corrupt_transfers: Counter
+    transfer_retries: Counter
+    auth_failures: Counter
+    blocks_quarantined: Gauge
+    threads: Gauge
 
     @classmethod
     def create(cls, role: str) -> DaemonMetrics:
@@ -61,6 +66,18 @@ class DaemonMetrics:
             blocks_in_use=gauge("kvbridge_blocks_in_use", "KV cache blocks allocated"),
             blocks_leased=gauge("kvbridge_blocks_leased", "KV cache blocks leased to peers"),
             requests_in_flight=gauge("kvbridge_requests_in_flight", "requests not yet finished"),
+            corrupt_transfers=counter(
+                "kvbridge_corrupt_transfers", "pulled KV that failed its checksum (verify_kv)"
+            ),
+            transfer_retries=counter("kvbridge_transfer_retries", "failed pulls retried"),
+            auth_failures=counter(
+                "kvbridge_auth_failures", "gRPC calls refused for a missing or wrong token"
+            ),
+            blocks_quarantined=gauge(
+                "kvbridge_blocks_quarantined",
+                "blocks withheld until an aborted transfer can no longer write them",
+            ),
+            threads=gauge("kvbridge_threads", "live Python threads of the daemon"),
         )
 
     def finished(self, role: str, state: str) -> None:

@@ -7,6 +7,7 @@ import uuid
 
 import grpc
 from kvbridge.connector.daemon.allocator import OutOfBlocksError
+from kvbridge.connector.daemon.checksum import kv_checksum
 from kvbridge.connector.daemon.common import (
     MAX_REQUEST_ID,
     check_request_id,
@@ -60,8 +61,21 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
             if rec is not None:
                 rt.finish(rec, RequestState.DONE)
 
-    def on_peer_notification(self, request_id: str) -> None:
-        """The peer finished pulling ``request_id`` (transport notification)."""
+    def on_peer_notification(self, request_id: str, sender: str = "") -> None:
+        """The peer ``sender`` finished pulling ``request_id`` (transport notification).
+
+        Only the lease's owner may end it this way: a notice from another engine is
+        logged and ignored (the lease still ends on Release or expiry).
+        """
+        lease = self.leases.get(request_id)
+        if lease is None:
+            return
+        if lease.owner and sender != lease.owner:
+            self.rt.log.warning(
+                "ignored a completion notice from an engine that does not hold the lease",
+                extra={"request_id": request_id, "sender": sender, "owner": lease.owner},
+            )
+            return
         self.leases.end(request_id, "notified")
 
     # -------------------------------------------------------------------- RPCs
@@ -71,6 +85,13 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
         rt, cfg = self.rt, self.rt.cfg
         request_id = request.request_id or uuid.uuid4().hex
         check_request_id(request_id, context, 2 * MAX_REQUEST_ID)  # decode prefixes its name
+        check_request_id(request.requester, context, MAX_REQUEST_ID, "requester")
+        if len(request.prompt_token_ids) > cfg.num_blocks * cfg.block_size:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt of {len(request.prompt_token_ids)} tokens needs more blocks than "
+                f"the cache's {cfg.num_blocks}",
+            )
         tokens = list(request.prompt_token_ids)
         check_tokens(tokens, rt.model.cfg.vocab_size, context)
         if not 0 <= request.lease_seconds <= MAX_LEASE_SECONDS:  # also refuses NaN
@@ -100,6 +121,7 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
                 logits = rt.model.prefill(tokens, rt.cache, blocks)
             first = int(logits.argmax())
             seconds = time.perf_counter() - t0
+            checksum = kv_checksum(rt.cache, blocks, len(tokens)) if request.kv_checksum else ""
         except Exception as exc:
             rt.allocator.free(blocks)
             rt.finish(rec, RequestState.FAILED, f"prefill failed: {exc}")
@@ -134,6 +156,7 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
                 kv_layout=cfg.kv_layout,
                 compat_hash=rt.compat_hash,
                 prefill_seconds=seconds,
+                kv_checksum=checksum,
             )
         )
 

@@ -7,23 +7,37 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import grpc
+from kvbridge.connector.daemon.security import ClientAuth
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 
 POLICIES = ("least-loaded", "round-robin")
+# A restarted prefill daemon is dialled again within ~2 s (gRPC's default backoff
+# grows to 120 s, failing every request meanwhile).
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
 
 
 class PrefillPool:
-    """gRPC stubs of the ``--prefill`` targets; tracks requests in flight per target."""
+    """gRPC stubs of the ``--prefill`` targets; tracks requests in flight per target.
 
-    def __init__(self, targets: list[str], policy: str = "least-loaded") -> None:
+    ``client``: how to dial them (TLS, client certificate, bearer token); plaintext
+    by default.
+    """
+
+    def __init__(
+        self, targets: list[str], policy: str = "least-loaded", client: ClientAuth | None = None
+    ) -> None:
         if not targets:
             raise ValueError("a decode daemon needs at least one --prefill HOST:PORT")
         if policy not in POLICIES:
             raise ValueError(f"unknown prefill policy {policy!r}; use one of {', '.join(POLICIES)}")
         self.targets = list(dict.fromkeys(targets))
         self.policy = policy
-        self._channels = {t: grpc.insecure_channel(t) for t in self.targets}
+        client = client or ClientAuth()
+        self._channels = {t: client.channel(t, CHANNEL_OPTIONS) for t in self.targets}
         self.stubs = {t: pb_grpc.KVBridgeServiceStub(c) for t, c in self._channels.items()}
         self._load = dict.fromkeys(self.targets, 0)
         self._served = dict.fromkeys(self.targets, 0)

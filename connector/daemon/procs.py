@@ -10,10 +10,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kvbridge.connector.daemon.security import ClientAuth
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -24,12 +25,29 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class DaemonProcess:
-    """``kvbridge ROLE ...`` in a child process, its log in ``log_dir``."""
+    """``kvbridge ROLE ...`` in a child process, its log in ``log_dir``.
+
+    ``host``: the address it binds and clients dial; ``wrap``: a command prefix
+    (e.g. ``ip netns exec NS``); ``env``: extra environment; ``client``: how to
+    dial it (TLS, token) for the readiness check and ``channel()``.
+    """
 
     def __init__(
-        self, role: str, args: list[str], log_dir: str | Path | None = None, name: str = ""
+        self,
+        role: str,
+        args: list[str],
+        log_dir: str | Path | None = None,
+        name: str = "",
+        *,
+        host: str = "127.0.0.1",
+        wrap: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        client: ClientAuth | None = None,
     ) -> None:
         self.role = role
+        self.host = host
+        self.client = client or ClientAuth()
+        self.extra_env = dict(env or {})
         self.name = name or role
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="kvbridge-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -37,12 +55,13 @@ class DaemonProcess:
         self.log_path = self.log_dir / f"{self.name}.log"
         self.ready_file.unlink(missing_ok=True)
         self.cmd = [
+            *wrap,
             sys.executable,
             "-m",
             "kvbridge.connector.cli",
             role,
             "--host",
-            "127.0.0.1",
+            host,
             "--engine-name",
             self.name,
             "--ready-file",
@@ -54,6 +73,7 @@ class DaemonProcess:
 
     def start(self) -> DaemonProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KVBRIDGE_")}
+        env.update(self.extra_env)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -72,7 +92,7 @@ class DaemonProcess:
                 )
             time.sleep(0.05)
         self.info = json.loads(self.ready_file.read_text())
-        with grpc.insecure_channel(self.target) as ch:
+        with self.channel() as ch:
             resp = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=""),
                 timeout=max(1.0, deadline - time.monotonic()),
@@ -83,11 +103,24 @@ class DaemonProcess:
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.info['grpc_port']}"
+        return f"{self.host}:{self.info['grpc_port']}"
+
+    def channel(self):
+        """A gRPC channel to the daemon, authenticated like ``client``."""
+        return self.client.channel(self.target)
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.info['metrics_port']}/metrics"
+        return f"http://{self.host}:{self.info['metrics_port']}/metrics"
+
+    def kill(self) -> int | None:
+        """SIGKILL (no drain); the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        return self.proc.returncode
 
     def terminate(self, timeout: float = 30.0) -> int | None:
         """SIGTERM, wait for a clean exit (SIGKILL after ``timeout``); the exit code."""

@@ -8,7 +8,9 @@ import threading
 import torch
 from kvbridge.connector.daemon.allocator import BlockAllocator
 from kvbridge.connector.daemon.config import DaemonConfig
+from kvbridge.connector.daemon.guard import GuardBands
 from kvbridge.connector.daemon.metrics import DaemonMetrics
+from kvbridge.connector.daemon.quarantine import Quarantine
 from kvbridge.connector.daemon.states import RequestRecord, RequestRegistry, RequestState
 from kvbridge.connector.layouts import KVCache
 from kvbridge.connector.model import ByteTokenizer, LlamaModel, allocate_cache, load_hf_checkpoint
@@ -40,12 +42,19 @@ class DaemonRuntime:
         self.cache: KVCache = allocate_cache(
             self.model, cfg.kv_layout, cfg.num_blocks, cfg.block_size
         )
+        self.guard: GuardBands | None = None
+        if cfg.guard_bytes:
+            self.guard = GuardBands.wrap(self.cache, cfg.guard_bytes)
+            self.cache = self.guard.cache
         self.model.check_cache(self.cache)
         self.allocator = BlockAllocator(cfg.num_blocks)
+        self.quarantine = Quarantine(self.allocator, self.log)
         self.registry = RequestRegistry()
         self.metrics = DaemonMetrics.create(cfg.role)
         self.metrics.blocks_in_use.set_function(lambda: self.allocator.num_used)
         self.metrics.requests_in_flight.set_function(lambda: self.registry.num_live)
+        self.metrics.blocks_quarantined.set_function(lambda: self.quarantine.num_blocks)
+        self.metrics.threads.set_function(threading.active_count)
         self.compute_lock = threading.Lock()  # one model computation at a time
         self.draining = threading.Event()
         self.compat_hash = ""  # set once the transfer agent knows the topology
@@ -58,6 +67,9 @@ class DaemonRuntime:
             "lease_expiries": 0,
             "leases_released": 0,
             "tokens_generated": 0,
+            "corrupt_transfers": 0,
+            "transfer_retries": 0,
+            "auth_failures": 0,
         }
         self._counter_lock = threading.Lock()
 
@@ -65,6 +77,10 @@ class DaemonRuntime:
         with self._counter_lock:
             for key, delta in deltas.items():
                 self.counters[key] += delta
+
+    def guard_band_bytes_changed(self) -> int:
+        """Poison bytes changed around the cache (-1 without ``--guard-bytes``)."""
+        return -1 if self.guard is None else self.guard.changed()
 
     def finish(self, rec: RequestRecord, state: RequestState, error: str = "") -> bool:
         """Move ``rec`` to a final state once; log and count it. False if already final."""

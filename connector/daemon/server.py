@@ -14,15 +14,19 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from kvbridge.connector.daemon.common import SERVICE_NAME, DrainInterceptor
-from kvbridge.connector.daemon.config import ConfigError, DaemonConfig
+from kvbridge.connector.daemon.common import (
+    SERVICE_NAME,
+    DrainInterceptor,
+    RequestDecodeInterceptor,
+)
+from kvbridge.connector.daemon.config import DaemonConfig
 from kvbridge.connector.daemon.logs import setup_logging
 from kvbridge.connector.daemon.metrics import serve_metrics
 from kvbridge.connector.daemon.runtime import DaemonRuntime
+from kvbridge.connector.daemon.security import ServerAuth, TokenAuthInterceptor
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 
 GRPC_WORKERS = 32
-_UNIMPLEMENTED_AUTH = ("tls_cert", "tls_key", "tls_ca", "auth_token_file", "side_secret_file")
 
 
 def _hostport(host: str, port: int) -> str:
@@ -39,18 +43,12 @@ class Daemon:
     """A started daemon; ``stop()`` drains and shuts it down (idempotent)."""
 
     def __init__(self, cfg: DaemonConfig) -> None:
-        given = [f"--{k.replace('_', '-')}" for k in _UNIMPLEMENTED_AUTH if getattr(cfg, k)]
-        if given:
-            raise ConfigError(
-                f"{', '.join(given)}: TLS, tokens and side-channel secrets are not "
-                "implemented yet; "
-                "run on a trusted network without them (--insecure)"
-            )
+        self.auth = auth = ServerAuth.from_config(cfg)  # before anything starts
         from kvbridge.connector.daemon.transfer import TransferEndpoint
 
         self.cfg = cfg
         self.rt = rt = DaemonRuntime(cfg)
-        self.endpoint = TransferEndpoint(rt)
+        self.endpoint = TransferEndpoint(rt, secret=auth.side_secret)
         rt.compat_hash = self.endpoint.compat_hash
         self.pool = None
         if cfg.role == "prefill":
@@ -63,11 +61,11 @@ class Daemon:
             from kvbridge.connector.daemon.decode import DecodeServicer
             from kvbridge.connector.daemon.prefill_pool import PrefillPool
 
-            self.pool = PrefillPool(cfg.prefill, cfg.prefill_policy)
+            self.pool = PrefillPool(cfg.prefill, cfg.prefill_policy, client=auth.client())
             self.servicer = DecodeServicer(rt, self.endpoint, self.pool)
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="kvbridge-grpc"),
-            interceptors=[DrainInterceptor(rt.draining.is_set)],
+            interceptors=self._interceptors(),
             options=[("grpc.so_reuseport", 0)],  # a second daemon on the port must fail
         )
         pb_grpc.add_KVBridgeServiceServicer_to_server(self.servicer, self.server)
@@ -77,8 +75,12 @@ class Daemon:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         address = _hostport(cfg.host, cfg.grpc_port)
+        creds = auth.server_credentials()
         try:
-            self.grpc_port = self.server.add_insecure_port(address)
+            if creds is None:
+                self.grpc_port = self.server.add_insecure_port(address)
+            else:
+                self.grpc_port = self.server.add_secure_port(address, creds)
         except RuntimeError as exc:  # grpc raises RuntimeError("Failed to bind ...")
             self.endpoint.close()
             raise OSError(f"cannot bind the gRPC port {address}: {exc}") from None
@@ -101,10 +103,23 @@ class Daemon:
             "metrics_port": self.metrics_port,
             "backend": cfg.backend,
             "kv_layout": cfg.kv_layout,
+            "auth": "insecure" if auth.insecure else ("mtls" if auth.mutual_tls else "tls"),
         }
         if cfg.ready_file:
             _write_ready(cfg.ready_file, self.info)
         rt.log.info("serving", extra=self.info)
+
+    def _interceptors(self) -> list[grpc.ServerInterceptor]:
+        """Token check first (refused calls are never parsed), then drain, then decoding."""
+        rt, out = self.rt, []
+        if not self.auth.insecure:
+
+            def refused(method: str, peer: str, reason: str) -> None:
+                rt.count(auth_failures=1)
+                rt.metrics.auth_failures.inc()
+
+            out.append(TokenAuthInterceptor(self.auth.token, rt.log, refused))
+        return [*out, DrainInterceptor(rt.draining.is_set), RequestDecodeInterceptor()]
 
     def _stop_metrics(self) -> None:
         self.metrics_server.shutdown()
@@ -121,6 +136,12 @@ class Daemon:
         rt.log.info("draining", extra={"in_flight": rt.registry.num_live, "timeout": timeout})
         t0 = time.monotonic()
         drained = self.servicer.drain(timeout)
+        left = max(0.0, timeout - (time.monotonic() - t0))
+        if not rt.quarantine.wait_empty(left):
+            rt.log.warning(
+                "quarantined blocks still held", extra={"blocks": rt.quarantine.num_blocks}
+            )
+        rt.quarantine.stop()
         if not drained:
             rt.log.warning("drain timed out", extra={"in_flight": rt.registry.num_live})
         steps = [("grpc server", lambda: self.server.stop(grace=2.0).wait(5.0))]

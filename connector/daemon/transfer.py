@@ -2,36 +2,33 @@
 
 The prefill side only serves (the agent's side channel answers handshakes; a
 notice thread turns the decode side's completion notices into lease ends). The
-decode side handshakes once per prefill engine (cached; dropped after a failed
-transfer so the next request handshakes again) and pulls with ``read_blocks``.
+decode side pulls through ``pull.Puller`` (handshake once per prefill engine,
+bounded waits, transfers given up on are abandoned to the engine, never cancelled
+under it; see pull.py).
+
+With a side-channel secret (``--side-secret-file``) every side-channel message is
+HMAC-SHA256 signed; completion notices are only honoured from the lease's owner.
 """
 
 from __future__ import annotations
 
+import math
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from kvbridge.connector.agent import KVTransferAgent
+from kvbridge.connector.daemon.pull import Puller, PullError, PullResult
 from kvbridge.connector.daemon.runtime import DaemonRuntime
 
 NOTICE_POLL_SECONDS = 0.01
 
-
-@dataclass(frozen=True)
-class PullResult:
-    bytes: int
-    descriptors: int
-    seconds: float
-    handshake_seconds: float = 0.0
-    staged: bool = False
+__all__ = ["PullError", "PullResult", "TransferEndpoint"]
 
 
 class TransferEndpoint:
     """Owns the agent of one daemon (registered once over the daemon's whole cache)."""
 
-    def __init__(self, rt: DaemonRuntime) -> None:
+    def __init__(self, rt: DaemonRuntime, secret: bytes | None = None) -> None:
         cfg = rt.cfg
         self.rt = rt
         self.agent = KVTransferAgent(
@@ -41,19 +38,36 @@ class TransferEndpoint:
             host=cfg.public_host,
             side_channel_port=cfg.side_port,
             side_channel_bind=cfg.host,
+            secret=secret,
             timeout=cfg.transfer_timeout,
+            transport_options=self._transport_options(cfg),
         )
         self.compat_hash = self.agent.spec.compat_hash
         self.side_address = self.agent.side_channel_address
         self.side_port = self.agent.side.port if self.agent.side is not None else 0
-        self._connect_lock = threading.Lock()
-        self._on_done: Callable[[str], None] | None = None
+        self.puller = Puller(self.agent, rt.log)
+        self._on_done: Callable[[str, str], None] | None = None
         self._stop = threading.Event()
         self._notice_thread: threading.Thread | None = None
 
+    @staticmethod
+    def _transport_options(cfg) -> dict:
+        """Mooncake cannot cancel a batch, and after a failed one cannot say when its
+        slices stop writing: let an abandoned batch finish (a long engine timeout, so it
+        usually ends by completing and its blocks come back at once), keep enough
+        workers for other transfers meanwhile, and quarantine the destination of a
+        failed batch for ``--engine-drain-seconds``."""
+        if cfg.backend == "mooncake":
+            return {
+                "engine_timeout": float(max(120, math.ceil(4 * cfg.transfer_timeout))),
+                "workers": 16,
+                "drain_seconds": cfg.engine_drain_seconds,
+            }
+        return {}
+
     # ------------------------------------------------------------ prefill side
-    def on_peer_done(self, callback: Callable[[str], None]) -> None:
-        """Call ``callback(request_id)`` when a peer reports it finished reading a request."""
+    def on_peer_done(self, callback: Callable[[str, str], None]) -> None:
+        """Call ``callback(request_id, sender)`` when a peer reports it finished reading."""
         self._on_done = callback
         self._notice_thread = threading.Thread(
             target=self._notice_loop, name="kvbridge-notices", daemon=True
@@ -74,7 +88,7 @@ class TransferEndpoint:
                         "peer finished reading",
                         extra={"request_id": n.request_id, "peer": n.sender},
                     )
-                    self._on_done(n.request_id)
+                    self._on_done(n.request_id, n.sender)
                 else:
                     log.warning(
                         "peer reported a failed transfer; the lease ends on Release or expiry",
@@ -82,46 +96,19 @@ class TransferEndpoint:
                     )
 
     # ------------------------------------------------------------- decode side
-    def _peer(self, engine_name: str, side_address: str, timeout: float) -> tuple[object, float]:
-        with self._connect_lock:
-            peer = self.agent.peers.get(engine_name)
-            if peer is not None:
-                return peer, 0.0
-            t0 = time.perf_counter()
-            peer = self.agent.connect_to(side_address, timeout=timeout)
-            if peer.name != engine_name:
-                self.agent.disconnect(peer)
-                raise RuntimeError(
-                    f"side channel {side_address} belongs to engine {peer.name!r}, "
-                    f"the handle names {engine_name!r}"
-                )
-            seconds = time.perf_counter() - t0
-        self.rt.log.info(
-            "handshake done",
-            extra={"peer": engine_name, "address": side_address, "seconds": round(seconds, 6)},
-        )
-        return peer, seconds
-
-    def pull(self, handle, local_block_ids: list[int], timeout: float) -> PullResult:
-        """Read the handle's blocks into ``local_block_ids`` (bounded by ``timeout``)."""
-        deadline = time.monotonic() + timeout
-        peer, handshake = self._peer(handle.engine_name, handle.side_channel_address, timeout)
-        try:
-            r = self.agent.read_blocks(
-                peer,
-                list(handle.block_ids),
-                local_block_ids,
-                timeout=max(deadline - time.monotonic(), 1e-3),
-                request_id=handle.request_id,
-                notify=True,
-            )
-        except Exception:
-            self.agent.disconnect(handle.engine_name)  # re-handshake next time
-            raise
-        return PullResult(r.bytes, r.descriptors, r.seconds, handshake, r.staged)
+    def pull(
+        self,
+        handle,
+        local_block_ids: list[int],
+        timeout: float,
+        aborted: Callable[[], bool] | None = None,
+    ) -> PullResult:
+        """Read the handle's blocks into ``local_block_ids`` (``Puller.pull``)."""
+        return self.puller.pull(handle, local_block_ids, timeout, aborted)
 
     def close(self) -> None:
         self._stop.set()
+        self.puller.close()
         if self._notice_thread is not None:
             self._notice_thread.join(2.0)
         self.agent.close()

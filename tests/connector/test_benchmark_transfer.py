@@ -78,10 +78,13 @@ def test_gpu_benchmark_cpu_parts(capsys):
         assert "CUDA" in gb.gpu_problem(("cuda:0", "cuda:1"))
         assert gb.run(p.parse_args(["--tokens", "64"])) == 2
     res = argparse.Namespace(descriptors=32, engine_descriptors=32)
-    out = gb.summarize(2 << 30, [0.5, 0.25, 1.0], 16.0, res, args)
+    out = gb.summarize(2 << 30, [0.5, 0.25, 1.0], ([4.0, 2.0, 8.0], 4096), 16.0, res, args)
     assert out["nixl_gbps"] == pytest.approx(4.295, abs=1e-3) and out["ratio"] == pytest.approx(
         4.295 / 16, abs=1e-3
     )
+    assert out["baseline_gbps"] == pytest.approx(0.537, abs=1e-3)
+    assert out["baseline_ratio"] == pytest.approx(8.0, abs=1e-3)
+    assert out["baseline_descriptors"] == 4096
     cache = layouts.allocate("packed", num_layers=2, num_blocks=6, block_size=2, num_kv_heads=1,
                              head_dim=4, generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert gb.checksum(cache, np.array([1, 2])) != gb.checksum(cache, np.array([3, 4]))

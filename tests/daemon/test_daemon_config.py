@@ -123,14 +123,19 @@ def test_parser_has_the_documented_flags():
         parser.parse_args(["decode", "--kv-layout", "mla"])  # not a GQA layout
 
 
-def test_auth_flags_are_refused_until_implemented(tmp_path):
+def test_auth_flags_are_checked_before_anything_starts(tmp_path):
+    """Auth is on unless --insecure: partial or contradictory flags are refused up front
+    (the full auth behaviour is tested in tests/faults/test_auth.py)."""
     from kvbridge.connector.daemon.server import Daemon
 
     cert = tmp_path / "c.pem"
     cert.write_text("x")
     args = _args(["prefill", "--tls-cert", str(cert), "--tls-key", str(cert)])
     cfg = resolve_config("prefill", args, environ={})
-    with pytest.raises(ConfigError, match="--tls-cert, --tls-key: TLS, tokens"):
+    with pytest.raises(ConfigError, match="missing --auth-token-file, --side-secret-file"):
         Daemon(cfg)  # refused before anything starts
+    args = _args(["prefill", "--insecure", "--auth-token-file", str(cert)])
+    with pytest.raises(ConfigError, match="--insecure contradicts --auth-token-file"):
+        Daemon(resolve_config("prefill", args, environ={}))
     with pytest.raises(ConfigError, match="together"):
         resolve_config("prefill", _args(["prefill", "--tls-cert", str(cert)]), environ={})

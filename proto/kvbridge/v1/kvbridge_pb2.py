@@ -24,43 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvbridge/v1/kvbridge.proto\x12\x0bkvbridge.v1\"h\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x11\n\trequester\x18\x03 \x01(\t\x12\x15\n\rlease_seconds\x18\x04 \x01(\x01\"8\n\x0fPrefillResponse\x12%\n\x06handle\x18\x01 \x01(\x0b\x32\x15.kvbridge.v1.KVHandle\"\xb0\x02\n\x08KVHandle\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65ngine_name\x18\x02 \x01(\t\x12\x1c\n\x14side_channel_address\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\x03\x12\x12\n\nnum_tokens\x18\x05 \x01(\x03\x12\x12\n\nblock_size\x18\x06 \x01(\x05\x12\x1c\n\x14lease_expiry_unix_ms\x18\x07 \x01(\x03\x12\x1a\n\x12lease_seconds_left\x18\x08 \x01(\x01\x12\x16\n\x0e\x66irst_token_id\x18\t \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x11\n\tkv_layout\x18\x0b \x01(\t\x12\x13\n\x0b\x63ompat_hash\x18\x0c \x01(\t\x12\x17\n\x0fprefill_seconds\x18\r \x01(\x01\"\x7f\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\"\xa6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08transfer\x18\x04 \x01(\x0b\x32\x19.kvbridge.v1.TransferInfo\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.kvbridge.v1.FinishReason\"\x80\x02\n\x0cTransferInfo\x12\x16\n\x0eprefill_target\x18\x01 \x01(\t\x12\x16\n\x0eprefill_engine\x18\x02 \x01(\t\x12\x12\n\nnum_tokens\x18\x03 \x01(\x03\x12\x12\n\nnum_blocks\x18\x04 \x01(\x03\x12\r\n\x05\x62ytes\x18\x05 \x01(\x03\x12\x13\n\x0b\x64\x65scriptors\x18\x06 \x01(\x03\x12\x18\n\x10transfer_seconds\x18\x07 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x08 \x01(\x01\x12\x19\n\x11handshake_seconds\x18\t \x01(\x01\x12\x12\n\nsrc_layout\x18\n \x01(\t\x12\x12\n\ndst_layout\x18\x0b \x01(\t\"4\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"9\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x14\n\x0c\x66reed_blocks\x18\x02 \x01(\x03\"(\n\x0cStatsRequest\x12\x18\n\x10include_finished\x18\x01 \x01(\x08\"\x8a\x02\n\rRequestStatus\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.kvbridge.v1.RequestState\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\x03\x12\x1c\n\x14num_generated_tokens\x18\x04 \x01(\x03\x12\x12\n\nnum_blocks\x18\x05 \x01(\x03\x12\r\n\x05\x62ytes\x18\x06 \x01(\x03\x12\x13\n\x0b\x64\x65scriptors\x18\x07 \x01(\x03\x12\x18\n\x10transfer_seconds\x18\x08 \x01(\x01\x12\x0c\n\x04peer\x18\t \x01(\t\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x13\n\x0b\x61ge_seconds\x18\x0b \x01(\x01\"\x95\x02\n\x08\x43ounters\x12\x16\n\x0erequests_total\x18\x01 \x01(\x03\x12\x15\n\rrequests_done\x18\x02 \x01(\x03\x12\x17\n\x0frequests_failed\x18\x03 \x01(\x03\x12\x11\n\ttransfers\x18\x04 \x01(\x03\x12\x19\n\x11\x62ytes_transferred\x18\x05 \x01(\x03\x12\x13\n\x0b\x64\x65scriptors\x18\x06 \x01(\x03\x12\x18\n\x10transfer_seconds\x18\x07 \x01(\x01\x12\x19\n\x11transfer_failures\x18\x08 \x01(\x03\x12\x16\n\x0elease_expiries\x18\t \x01(\x03\x12\x17\n\x0fleases_released\x18\n \x01(\x03\x12\x18\n\x10tokens_generated\x18\x0b \x01(\x03\"\xd2\x02\n\rStatsResponse\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.kvbridge.v1.Role\x12\x13\n\x0b\x65ngine_name\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x11\n\tkv_layout\x18\x04 \x01(\t\x12\x12\n\nnum_blocks\x18\x05 \x01(\x03\x12\x13\n\x0b\x66ree_blocks\x18\x06 \x01(\x03\x12\x15\n\rblocks_in_use\x18\x07 \x01(\x03\x12\x15\n\rleased_blocks\x18\x08 \x01(\x03\x12\x10\n\x08\x64raining\x18\t \x01(\x08\x12,\n\x08requests\x18\n \x03(\x0b\x32\x1a.kvbridge.v1.RequestStatus\x12\'\n\x08\x63ounters\x18\x0b \x01(\x0b\x32\x15.kvbridge.v1.Counters\x12\x12\n\nblock_size\x18\x0c \x01(\x05\x12\x13\n\x0b\x63ompat_hash\x18\r \x01(\t*?\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PREFILL\x10\x01\x12\x0f\n\x0bROLE_DECODE\x10\x02*\xb6\x01\n\x0cRequestState\x12\x1d\n\x19REQUEST_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REQUEST_STATE_WAITING\x10\x01\x12\x1e\n\x1aREQUEST_STATE_TRANSFERRING\x10\x02\x12\x1a\n\x16REQUEST_STATE_DECODING\x10\x03\x12\x16\n\x12REQUEST_STATE_DONE\x10\x04\x12\x18\n\x14REQUEST_STATE_FAILED\x10\x05*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\xa8\x02\n\x0fKVBridgeService\x12\x44\n\x07Prefill\x12\x1b.kvbridge.v1.PrefillRequest\x1a\x1c.kvbridge.v1.PrefillResponse\x12I\n\x08Generate\x12\x1c.kvbridge.v1.GenerateRequest\x1a\x1d.kvbridge.v1.GenerateResponse0\x01\x12\x44\n\x07Release\x12\x1b.kvbridge.v1.ReleaseRequest\x1a\x1c.kvbridge.v1.ReleaseResponse\x12>\n\x05Stats\x12\x19.kvbridge.v1.StatsRequest\x1a\x1a.kvbridge.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvbridge/v1/kvbridge.proto\x12\x0bkvbridge.v1\"}\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x11\n\trequester\x18\x03 \x01(\t\x12\x15\n\rlease_seconds\x18\x04 \x01(\x01\x12\x13\n\x0bkv_checksum\x18\x05 \x01(\x08\"8\n\x0fPrefillResponse\x12%\n\x06handle\x18\x01 \x01(\x0b\x32\x15.kvbridge.v1.KVHandle\"\xc5\x02\n\x08KVHandle\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65ngine_name\x18\x02 \x01(\t\x12\x1c\n\x14side_channel_address\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\x03\x12\x12\n\nnum_tokens\x18\x05 \x01(\x03\x12\x12\n\nblock_size\x18\x06 \x01(\x05\x12\x1c\n\x14lease_expiry_unix_ms\x18\x07 \x01(\x03\x12\x1a\n\x12lease_seconds_left\x18\x08 \x01(\x01\x12\x16\n\x0e\x66irst_token_id\x18\t \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x11\n\tkv_layout\x18\x0b \x01(\t\x12\x13\n\x0b\x63ompat_hash\x18\x0c \x01(\t\x12\x17\n\x0fprefill_seconds\x18\r \x01(\x01\x12\x13\n\x0bkv_checksum\x18\x0e \x01(\t\"\x92\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x11\n\tverify_kv\x18\x06 \x01(\x08\"\xa6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08transfer\x18\x04 \x01(\x0b\x32\x19.kvbridge.v1.TransferInfo\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.kvbridge.v1.FinishReason\"\xa7\x02\n\x0cTransferInfo\x12\x16\n\x0eprefill_target\x18\x01 \x01(\t\x12\x16\n\x0eprefill_engine\x18\x02 \x01(\t\x12\x12\n\nnum_tokens\x18\x03 \x01(\x03\x12\x12\n\nnum_blocks\x18\x04 \x01(\x03\x12\r\n\x05\x62ytes\x18\x05 \x01(\x03\x12\x13\n\x0b\x64\x65scriptors\x18\x06 \x01(\x03\x12\x18\n\x10transfer_seconds\x18\x07 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x08 \x01(\x01\x12\x19\n\x11handshake_seconds\x18\t \x01(\x01\x12\x12\n\nsrc_layout\x18\n \x01(\t\x12\x12\n\ndst_layout\x18\x0b \x01(\t\x12\x13\n\x0bkv_checksum\x18\x0c \x01(\t\x12\x10\n\x08\x61ttempts\x18\r \x01(\x05\"4\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"9\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x14\n\x0c\x66reed_blocks\x18\x02 \x01(\x03\"(\n\x0cStatsRequest\x12\x18\n\x10include_finished\x18\x01 \x01(\x08\"\x8a\x02\n\rRequestStatus\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.kvbridge.v1.RequestState\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\x03\x12\x1c\n\x14num_generated_tokens\x18\x04 \x01(\x03\x12\x12\n\nnum_blocks\x18\x05 \x01(\x03\x12\r\n\x05\x62ytes\x18\x06 \x01(\x03\x12\x13\n\x0b\x64\x65scriptors\x18\x07 \x01(\x03\x12\x18\n\x10transfer_seconds\x18\x08 \x01(\x01\x12\x0c\n\x04peer\x18\t \x01(\t\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x13\n\x0b\x61ge_seconds\x18\x0b \x01(\x01\"\xe1\x02\n\x08\x43ounters\x12\x16\n\x0erequests_total\x18\x01 \x01(\x03\x12\x15\n\rrequests_done\x18\x02 \x01(\x03\x12\x17\n\x0frequests_failed\x18\x03 \x01(\x03\x12\x11\n\ttransfers\x18\x04 \x01(\x03\x12\x19\n\x11\x62ytes_transferred\x18\x05 \x01(\x03\x12\x13\n\x0b\x64\x65scriptors\x18\x06 \x01(\x03\x12\x18\n\x10transfer_seconds\x18\x07 \x01(\x01\x12\x19\n\x11transfer_failures\x18\x08 \x01(\x03\x12\x16\n\x0elease_expiries\x18\t \x01(\x03\x12\x17\n\x0fleases_released\x18\n \x01(\x03\x12\x18\n\x10tokens_generated\x18\x0b \x01(\x03\x12\x19\n\x11\x63orrupt_transfers\x18\x0c \x01(\x03\x12\x18\n\x10transfer_retries\x18\r \x01(\x03\x12\x15\n\rauth_failures\x18\x0e \x01(\x03\"\xb7\x03\n\rStatsResponse\x12\x1f\n\x04role\x18\x01 \x01(\x0e\x32\x11.kvbridge.v1.Role\x12\x13\n\x0b\x65ngine_name\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x11\n\tkv_layout\x18\x04 \x01(\t\x12\x12\n\nnum_blocks\x18\x05 \x01(\x03\x12\x13\n\x0b\x66ree_blocks\x18\x06 \x01(\x03\x12\x15\n\rblocks_in_use\x18\x07 \x01(\x03\x12\x15\n\rleased_blocks\x18\x08 \x01(\x03\x12\x10\n\x08\x64raining\x18\t \x01(\x08\x12,\n\x08requests\x18\n \x03(\x0b\x32\x1a.kvbridge.v1.RequestStatus\x12\'\n\x08\x63ounters\x18\x0b \x01(\x0b\x32\x15.kvbridge.v1.Counters\x12\x12\n\nblock_size\x18\x0c \x01(\x05\x12\x13\n\x0b\x63ompat_hash\x18\r \x01(\t\x12\x1a\n\x12quarantined_blocks\x18\x0e \x01(\x03\x12\x0f\n\x07threads\x18\x0f \x01(\x05\x12\x14\n\x0cthread_names\x18\x10 \x03(\t\x12 \n\x18guard_band_bytes_changed\x18\x11 \x01(\x03*?\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PREFILL\x10\x01\x12\x0f\n\x0bROLE_DECODE\x10\x02*\xb6\x01\n\x0cRequestState\x12\x1d\n\x19REQUEST_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REQUEST_STATE_WAITING\x10\x01\x12\x1e\n\x1aREQUEST_STATE_TRANSFERRING\x10\x02\x12\x1a\n\x16REQUEST_STATE_DECODING\x10\x03\x12\x16\n\x12REQUEST_STATE_DONE\x10\x04\x12\x18\n\x14REQUEST_STATE_FAILED\x10\x05*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\xa8\x02\n\x0fKVBridgeService\x12\x44\n\x07Prefill\x12\x1b.kvbridge.v1.PrefillRequest\x1a\x1c.kvbridge.v1.PrefillResponse\x12I\n\x08Generate\x12\x1c.kvbridge.v1.GenerateRequest\x1a\x1d.kvbridge.v1.GenerateResponse0\x01\x12\x44\n\x07Release\x12\x1b.kvbridge.v1.ReleaseRequest\x1a\x1c.kvbridge.v1.ReleaseResponse\x12>\n\x05Stats\x12\x19.kvbridge.v1.StatsRequest\x1a\x1a.kvbridge.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvbridge.v1.kvbridge_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=2116
-  _globals['_ROLE']._serialized_end=2179
-  _globals['_REQUESTSTATE']._serialized_start=2182
-  _globals['_REQUESTSTATE']._serialized_end=2364
-  _globals['_FINISHREASON']._serialized_start=2366
-  _globals['_FINISHREASON']._serialized_end=2461
+  _globals['_ROLE']._serialized_start=2394
+  _globals['_ROLE']._serialized_end=2457
+  _globals['_REQUESTSTATE']._serialized_start=2460
+  _globals['_REQUESTSTATE']._serialized_end=2642
+  _globals['_FINISHREASON']._serialized_start=2644
+  _globals['_FINISHREASON']._serialized_end=2739
   _globals['_PREFILLREQUEST']._serialized_start=43
-  _globals['_PREFILLREQUEST']._serialized_end=147
-  _globals['_PREFILLRESPONSE']._serialized_start=149
-  _globals['_PREFILLRESPONSE']._serialized_end=205
-  _globals['_KVHANDLE']._serialized_start=208
-  _globals['_KVHANDLE']._serialized_end=512
-  _globals['_GENERATEREQUEST']._serialized_start=514
-  _globals['_GENERATEREQUEST']._serialized_end=641
-  _globals['_GENERATERESPONSE']._serialized_start=644
-  _globals['_GENERATERESPONSE']._serialized_end=810
-  _globals['_TRANSFERINFO']._serialized_start=813
-  _globals['_TRANSFERINFO']._serialized_end=1069
-  _globals['_RELEASEREQUEST']._serialized_start=1071
-  _globals['_RELEASEREQUEST']._serialized_end=1123
-  _globals['_RELEASERESPONSE']._serialized_start=1125
-  _globals['_RELEASERESPONSE']._serialized_end=1182
-  _globals['_STATSREQUEST']._serialized_start=1184
-  _globals['_STATSREQUEST']._serialized_end=1224
-  _globals['_REQUESTSTATUS']._serialized_start=1227
-  _globals['_REQUESTSTATUS']._serialized_end=1493
-  _globals['_COUNTERS']._serialized_start=1496
-  _globals['_COUNTERS']._serialized_end=1773
-  _globals['_STATSRESPONSE']._serialized_start=1776
-  _globals['_STATSRESPONSE']._serialized_end=2114
-  _globals['_KVBRIDGESERVICE']._serialized_start=2464
-  _globals['_KVBRIDGESERVICE']._serialized_end=2760
+  _globals['_PREFILLREQUEST']._serialized_end=168
+  _globals['_PREFILLRESPONSE']._serialized_start=170
+  _globals['_PREFILLRESPONSE']._serialized_end=226
+  _globals['_KVHANDLE']._serialized_start=229
+  _globals['_KVHANDLE']._serialized_end=554
+  _globals['_GENERATEREQUEST']._serialized_start=557
+  _globals['_GENERATEREQUEST']._serialized_end=703
+  _globals['_GENERATERESPONSE']._serialized_start=706
+  _globals['_GENERATERESPONSE']._serialized_end=872
+  _globals['_TRANSFERINFO']._serialized_start=875
+  _globals['_TRANSFERINFO']._serialized_end=1170
+  _globals['_RELEASEREQUEST']._serialized_start=1172
+  _globals['_RELEASEREQUEST']._serialized_end=1224
+  _globals['_RELEASERESPONSE']._serialized_start=1226
+  _globals['_RELEASERESPONSE']._serialized_end=1283
+  _globals['_STATSREQUEST']._serialized_start=1285
+  _globals['_STATSREQUEST']._serialized_end=1325
+  _globals['_REQUESTSTATUS']._serialized_start=1328
+  _globals['_REQUESTSTATUS']._serialized_end=1594
+  _globals['_COUNTERS']._serialized_start=1597
+  _globals['_COUNTERS']._serialized_end=1950
+  _globals['_STATSRESPONSE']._serialized_start=1953
+  _globals['_STATSRESPONSE']._serialized_end=2392
+  _globals['_KVBRIDGESERVICE']._serialized_start=2742
+  _globals['_KVBRIDGESERVICE']._serialized_end=3038
 # @@protoc_insertion_point(module_scope)

@@ -41,16 +41,18 @@ FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "requester", "lease_seconds")
+    __slots__ = ("request_id", "prompt_token_ids", "requester", "lease_seconds", "kv_checksum")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KV_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     requester: str
     lease_seconds: float
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., requester: _Optional[str] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+    kv_checksum: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., requester: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., kv_checksum: _Optional[bool] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("handle",)
@@ -59,7 +61,7 @@ class PrefillResponse(_message.Message):
     def __init__(self, handle: _Optional[_Union[KVHandle, _Mapping]] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("request_id", "engine_name", "side_channel_address", "block_ids", "num_tokens", "block_size", "lease_expiry_unix_ms", "lease_seconds_left", "first_token_id", "backend", "kv_layout", "compat_hash", "prefill_seconds")
+    __slots__ = ("request_id", "engine_name", "side_channel_address", "block_ids", "num_tokens", "block_size", "lease_expiry_unix_ms", "lease_seconds_left", "first_token_id", "backend", "kv_layout", "compat_hash", "prefill_seconds", "kv_checksum")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_NAME_FIELD_NUMBER: _ClassVar[int]
     SIDE_CHANNEL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +75,7 @@ class KVHandle(_message.Message):
     KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     COMPAT_HASH_FIELD_NUMBER: _ClassVar[int]
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KV_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     engine_name: str
     side_channel_address: str
@@ -86,21 +89,24 @@ class KVHandle(_message.Message):
     kv_layout: str
     compat_hash: str
     prefill_seconds: float
-    def __init__(self, request_id: _Optional[str] = ..., engine_name: _Optional[str] = ..., side_channel_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., lease_expiry_unix_ms: _Optional[int] = ..., lease_seconds_left: _Optional[float] = ..., first_token_id: _Optional[int] = ..., backend: _Optional[str] = ..., kv_layout: _Optional[str] = ..., compat_hash: _Optional[str] = ..., prefill_seconds: _Optional[float] = ...) -> None: ...
+    kv_checksum: str
+    def __init__(self, request_id: _Optional[str] = ..., engine_name: _Optional[str] = ..., side_channel_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., lease_expiry_unix_ms: _Optional[int] = ..., lease_seconds_left: _Optional[float] = ..., first_token_id: _Optional[int] = ..., backend: _Optional[str] = ..., kv_layout: _Optional[str] = ..., compat_hash: _Optional[str] = ..., prefill_seconds: _Optional[float] = ..., kv_checksum: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "prompt_token_ids", "max_new_tokens", "stop_token_ids")
+    __slots__ = ("request_id", "prompt", "prompt_token_ids", "max_new_tokens", "stop_token_ids", "verify_kv")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_KV_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     max_new_tokens: int
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    verify_kv: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., verify_kv: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "transfer", "finish_reason")
@@ -117,7 +123,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., transfer: _Optional[_Union[TransferInfo, _Mapping]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ...) -> None: ...
 
 class TransferInfo(_message.Message):
-    __slots__ = ("prefill_target", "prefill_engine", "num_tokens", "num_blocks", "bytes", "descriptors", "transfer_seconds", "prefill_seconds", "handshake_seconds", "src_layout", "dst_layout")
+    __slots__ = ("prefill_target", "prefill_engine", "num_tokens", "num_blocks", "bytes", "descriptors", "transfer_seconds", "prefill_seconds", "handshake_seconds", "src_layout", "dst_layout", "kv_checksum", "attempts")
     PREFILL_TARGET_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ENGINE_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +135,8 @@ class TransferInfo(_message.Message):
     HANDSHAKE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SRC_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     DST_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    KV_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     prefill_target: str
     prefill_engine: str
     num_tokens: int
@@ -140,7 +148,9 @@ class TransferInfo(_message.Message):
     handshake_seconds: float
     src_layout: str
     dst_layout: str
-    def __init__(self, prefill_target: _Optional[str] = ..., prefill_engine: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., descriptors: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., handshake_seconds: _Optional[float] = ..., src_layout: _Optional[str] = ..., dst_layout: _Optional[str] = ...) -> None: ...
+    kv_checksum: str
+    attempts: int
+    def __init__(self, prefill_target: _Optional[str] = ..., prefill_engine: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., descriptors: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., handshake_seconds: _Optional[float] = ..., src_layout: _Optional[str] = ..., dst_layout: _Optional[str] = ..., kv_checksum: _Optional[str] = ..., attempts: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("request_id", "reason")
@@ -191,7 +201,7 @@ class RequestStatus(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., state: _Optional[_Union[RequestState, str]] = ..., num_prompt_tokens: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., descriptors: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., peer: _Optional[str] = ..., error: _Optional[str] = ..., age_seconds: _Optional[float] = ...) -> None: ...
 
 class Counters(_message.Message):
-    __slots__ = ("requests_total", "requests_done", "requests_failed", "transfers", "bytes_transferred", "descriptors", "transfer_seconds", "transfer_failures", "lease_expiries", "leases_released", "tokens_generated")
+    __slots__ = ("requests_total", "requests_done", "requests_failed", "transfers", "bytes_transferred", "descriptors", "transfer_seconds", "transfer_failures", "lease_expiries", "leases_released", "tokens_generated", "corrupt_transfers", "transfer_retries", "auth_failures")
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_DONE_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FAILED_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +213,9 @@ class Counters(_message.Message):
     LEASE_EXPIRIES_FIELD_NUMBER: _ClassVar[int]
     LEASES_RELEASED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FAILURES_FIELD_NUMBER: _ClassVar[int]
     requests_total: int
     requests_done: int
     requests_failed: int
@@ -214,10 +227,13 @@ class Counters(_message.Message):
     lease_expiries: int
     leases_released: int
     tokens_generated: int
-    def __init__(self, requests_total: _Optional[int] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., transfers: _Optional[int] = ..., bytes_transferred: _Optional[int] = ..., descriptors: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., transfer_failures: _Optional[int] = ..., lease_expiries: _Optional[int] = ..., leases_released: _Optional[int] = ..., tokens_generated: _Optional[int] = ...) -> None: ...
+    corrupt_transfers: int
+    transfer_retries: int
+    auth_failures: int
+    def __init__(self, requests_total: _Optional[int] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., transfers: _Optional[int] = ..., bytes_transferred: _Optional[int] = ..., descriptors: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., transfer_failures: _Optional[int] = ..., lease_expiries: _Optional[int] = ..., leases_released: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., corrupt_transfers: _Optional[int] = ..., transfer_retries: _Optional[int] = ..., auth_failures: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("role", "engine_name", "backend", "kv_layout", "num_blocks", "free_blocks", "blocks_in_use", "leased_blocks", "draining", "requests", "counters", "block_size", "compat_hash")
+    __slots__ = ("role", "engine_name", "backend", "kv_layout", "num_blocks", "free_blocks", "blocks_in_use", "leased_blocks", "draining", "requests", "counters", "block_size", "compat_hash", "quarantined_blocks", "threads", "thread_names", "guard_band_bytes_changed")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +247,10 @@ class StatsResponse(_message.Message):
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     COMPAT_HASH_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    THREAD_NAMES_FIELD_NUMBER: _ClassVar[int]
+    GUARD_BAND_BYTES_CHANGED_FIELD_NUMBER: _ClassVar[int]
     role: Role
     engine_name: str
     backend: str
@@ -244,4 +264,8 @@ class StatsResponse(_message.Message):
     counters: Counters
     block_size: int
     compat_hash: str
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., engine_name: _Optional[str] = ..., backend: _Optional[str] = ..., kv_layout: _Optional[str] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., blocks_in_use: _Optional[int] = ..., leased_blocks: _Optional[int] = ..., draining: _Optional[bool] = ..., requests: _Optional[_Iterable[_Union[RequestStatus, _Mapping]]] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., block_size: _Optional[int] = ..., compat_hash: _Optional[str] = ...) -> None: ...
+    quarantined_blocks: int
+    threads: int
+    thread_names: _containers.RepeatedScalarFieldContainer[str]
+    guard_band_bytes_changed: int
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., engine_name: _Optional[str] = ..., backend: _Optional[str] = ..., kv_layout: _Optional[str] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., blocks_in_use: _Optional[int] = ..., leased_blocks: _Optional[int] = ..., draining: _Optional[bool] = ..., requests: _Optional[_Iterable[_Union[RequestStatus, _Mapping]]] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., block_size: _Optional[int] = ..., compat_hash: _Optional[str] = ..., quarantined_blocks: _Optional[int] = ..., threads: _Optional[int] = ..., thread_names: _Optional[_Iterable[str]] = ..., guard_band_bytes_changed: _Optional[int] = ...) -> None: ...
