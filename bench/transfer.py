@@ -6,17 +6,9 @@ transfer``); results are recorded in bench/README.md ("Transfer").
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from kvbridge.connector import benchmark_transfer
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=benchmark_transfer.__doc__.splitlines()[0])
-    benchmark_transfer.add_arguments(p)
-    return benchmark_transfer.run(p.parse_args(argv))
-
+from kvbridge.connector.benchmark_transfer import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 _LAZY = {
     "KVTransferAgent": "agent",
-    "TransferResult": "agent",
-    "PendingRequest": "agent",
+    "TransferResult": "transfer_request",
+    "PendingRequest": "transfer_request",
     "HeadMap": "peers",
     "Peer": "peers",
 }

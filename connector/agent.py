@@ -1,10 +1,11 @@
 """``KVTransferAgent``: moves blocks of a paged KV cache to and from peer agents.
 
 The agent owns one transport (NIXL or Mooncake) with the cache's topology regions
-registered once, a zmq side channel for handshakes and notices, and its peers.
-A request plans with ``TransferPlan.between`` (coalesced descriptors, int64
-arrays) and posts them as one engine request; fragmented reads are staged
-(staging.py). Per request the state machine is::
+registered once, a zmq side channel for handshakes and notices, its peers
+(peer_table.py) and its notices (notices.py). A request plans with
+``TransferPlan.between`` (coalesced descriptors, int64 arrays) and posts them as
+one engine request; fragmented reads are staged (staging.py). Per request the
+state machine is::
 
     planned -> posted -> done        (the holder is notified by the engine)
                       -> failed      (handles released, peer told on the side channel)
@@ -20,9 +21,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -30,56 +29,22 @@ from kvbridge.topology import LayoutError, TopologySpec, TransferPlan, TransferT
 
 from . import metadata as md
 from .errors import (
-    HandshakeError,
     IncompatiblePeerError,
     TransferError,
     TransferFailedError,
     TransferTimeoutError,
-    UnknownPeerError,
 )
-from .peers import HeadMap, Peer, head_map, validate_hello
-from .side_channel import SideChannelServer, request, sign_notice, verify_notice
-from .staging import StagePlan, StagingPool, StagingUnsupported, plan_stage, relayout
-from .transport import MemRegion, PendingTransfer, Transport, create_transport
+from .notices import NoticeBox
+from .peer_table import PeerTable
+from .peers import HeadMap, Peer, head_map
+from .side_channel import SideChannelServer, request
+from .staging import StagingPool, StagingUnsupported, plan_stage, relayout
+from .transfer_request import PendingRequest, TransferResult
+from .transport import MemRegion, Transport, create_transport
 
 log = logging.getLogger(__name__)
 
 STAGING_MODES = ("auto", "always", "never")
-
-
-@dataclass(frozen=True)
-class TransferResult:
-    """What one request moved: wire bytes, engine descriptors, wall seconds."""
-
-    bytes: int
-    descriptors: int
-    seconds: float
-    staged: bool = False
-    engine_descriptors: int = 0  # descriptors handed to the engine (NIXL splits big ones)
-    op: str = "READ"
-    peer: str = ""
-    request_id: str = ""
-
-    @property
-    def gbps(self) -> float:
-        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
-
-
-@dataclass(eq=False)
-class PendingRequest:
-    """A posted request; ``KVTransferAgent.finish`` completes it."""
-
-    op: str
-    peer: Peer
-    request_id: str
-    xfer: PendingTransfer
-    started: float
-    descriptors: int
-    nbytes: int
-    staged: StagePlan | None = None
-    relayout_args: tuple = ()
-    done: bool = False
-    _release: Callable[[], None] | None = field(default=None, repr=False)
 
 
 def _as_layers(caches) -> dict[str, tuple[torch.Tensor, ...]]:
@@ -94,6 +59,11 @@ def _as_layers(caches) -> dict[str, tuple[torch.Tensor, ...]]:
 
 def _ids(x) -> np.ndarray:
     return np.asarray(x, dtype=np.int64).reshape(-1)
+
+
+def _check_staging(mode: str) -> None:
+    if mode not in STAGING_MODES:
+        raise ValueError(f"staging must be one of {STAGING_MODES}, got {mode!r}")
 
 
 class KVTransferAgent:
@@ -130,8 +100,7 @@ class KVTransferAgent:
             raise ValueError("agent name must be a non-empty string")
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"bad tensor-parallel rank {tp_rank} of {tp_size}")
-        if staging not in STAGING_MODES:
-            raise ValueError(f"staging must be one of {STAGING_MODES}, got {staging!r}")
+        _check_staging(staging)
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
         self.name, self.backend = name, backend
@@ -147,17 +116,16 @@ class KVTransferAgent:
         for r in self.spec.regions:
             if r.device == "meta":
                 raise ValueError("meta tensors have no memory to transfer")
-        self._lock = threading.RLock()
-        self._peers: dict[str, Peer] = {}
-        self._peer_topos: dict[str, TransferTopology] = {}
-        self._notices: deque[md.TransferNotice] = deque()
-        self._held_notices: list[md.TransferNotice] = []
-        self._notice_lock = threading.Lock()
-        self.rejected: deque[tuple[str, str]] = deque(maxlen=64)  # (peer, reason) we refused
+        self._lock = threading.RLock()  # guards the transport
         opts = dict(transport_options or {})
         if backend == "mooncake":
             opts.setdefault("host", host)
         self.transport: Transport = create_transport(backend, name, **opts)
+        self._peers = PeerTable(
+            name, backend, self.spec, tp_rank, tp_size, self.transport, self._lock
+        )
+        self.rejected = self._peers.rejected  # (peer, reason) we refused
+        self._notices = NoticeBox(name, self.transport, self._lock, secret, self.timeout)
         self.side: SideChannelServer | None = None
         try:
             for r in self.spec.regions:
@@ -202,27 +170,9 @@ class KVTransferAgent:
 
     def connect(self, peer_metadata: bytes | md.AgentHello) -> Peer:
         """Add a peer from its ``metadata()``; ``IncompatiblePeerError`` says why not."""
-        hello = (
-            peer_metadata
-            if isinstance(peer_metadata, md.AgentHello)
-            else md.decode_hello(peer_metadata)
-        )
-        spec = validate_hello(
-            hello,
-            name=self.name,
-            backend=self.backend,
-            spec=self.spec,
-            tp_rank=self.tp_rank,
-            tp_size=self.tp_size,
-        )
-        peer = Peer(hello.agent_name, hello, spec)
-        with self._lock:
-            self.transport.add_peer(peer.name, hello.engine_metadata, peer.regions)
-            self._peers[peer.name] = peer
-            self._peer_topos.pop(peer.name, None)
-        log.info("agent %s connected to peer %s (tp %d/%d)", self.name, peer.name,
-                 peer.tp_rank, peer.tp_size)  # fmt: skip
-        return peer
+        if isinstance(peer_metadata, md.AgentHello):
+            return self._peers.add(peer_metadata)
+        return self._peers.add(md.decode_hello(peer_metadata))
 
     def connect_to(self, address: str, timeout: float | None = None) -> Peer:
         """Handshake over the side channel at ``host:port``; both sides add each other."""
@@ -238,40 +188,24 @@ class KVTransferAgent:
             raise IncompatiblePeerError(
                 f"peer {reply.agent_name!r} at {address} refused this agent: {reply.reason}"
             )
-        return self.connect(reply.hello)
+        return self._peers.add(reply.hello)
 
     def disconnect(self, peer: str | Peer) -> None:
-        name = peer.name if isinstance(peer, Peer) else peer
-        with self._lock:
-            if self._peers.pop(name, None) is not None:
-                self._peer_topos.pop(name, None)
-                self.transport.remove_peer(name)
+        self._peers.remove(peer)
 
     @property
     def peers(self) -> dict[str, Peer]:
-        return dict(self._peers)
+        return self._peers.snapshot()
 
     def peer(self, peer: str | Peer) -> Peer:
-        name = peer.name if isinstance(peer, Peer) else peer
-        try:
-            return self._peers[name]
-        except KeyError:
-            raise UnknownPeerError(
-                f"agent {self.name!r} has no peer {name!r} (connected: "
-                f"{sorted(self._peers) or 'none'}); connect first"
-            ) from None
+        """The connected peer (``UnknownPeerError`` if not connected)."""
+        return self._peers.get(peer)
 
     def _on_side_message(self, msg):
         if isinstance(msg, md.HandshakeRequest):
-            try:
-                self.connect(msg.hello)
-            except (IncompatiblePeerError, HandshakeError) as exc:
-                self.rejected.append((msg.hello.agent_name, str(exc)))
-                log.warning("agent %s refused peer %s: %s", self.name, msg.hello.agent_name, exc)
-                return md.HandshakeReject(agent_name=self.name, reason=str(exc))
-            return md.HandshakeAccept(hello=self.hello)
+            return self._peers.answer(msg, self.hello)
         if isinstance(msg, md.TransferNotice):
-            self._notices.append(msg)
+            self._notices.deliver(msg)
             return md.Ack()
         if isinstance(msg, md.AgentHello):
             return md.HandshakeAccept(hello=self.hello)  # a probe: who are you?
@@ -326,22 +260,15 @@ class KVTransferAgent:
         r_ids, l_ids = _ids(remote_block_ids), _ids(local_block_ids)
         plan = TransferPlan.between(p.spec, self.spec, r_ids, l_ids, num_tokens, **heads.kwargs())
         mode = staging or self.staging
-        if mode not in STAGING_MODES:
-            raise ValueError(f"staging must be one of {STAGING_MODES}, got {mode!r}")
-        note = self._notice_bytes(request_id, "READ", plan.total_bytes) if notify else b""
+        _check_staging(mode)
+        note = self._notices.signed(request_id, "READ", plan.total_bytes) if notify else b""
         if mode == "always" or (mode == "auto" and plan.fragmented):
-            pending = self._post_staged(p, r_ids, l_ids, num_tokens, heads, request_id, note)
+            pending = self._post_staged(
+                p, r_ids, l_ids, num_tokens, heads, request_id, note, started
+            )
             if pending is not None:
-                pending.started = started
                 return pending
-        with self._lock:
-            xfer = self.transport.post(
-                "READ", p.name, plan.dst_region, plan.dst_offset, plan.src_region,
-                plan.src_offset, plan.nbytes, note,
-            )  # fmt: skip
-        return PendingRequest(
-            "READ", p, request_id, xfer, started, plan.num_descriptors, plan.total_bytes
-        )
+        return self._post_plan("READ", p, plan, request_id, note, started)
 
     def post_write(
         self,
@@ -363,15 +290,46 @@ class KVTransferAgent:
             self.spec, p.spec, _ids(local_block_ids), _ids(remote_block_ids), num_tokens,
             **heads.kwargs(),
         )  # fmt: skip
-        note = self._notice_bytes(request_id, "WRITE", plan.total_bytes) if notify else b""
+        note = self._notices.signed(request_id, "WRITE", plan.total_bytes) if notify else b""
+        return self._post_plan("WRITE", p, plan, request_id, note, started)
+
+    def _post_plan(
+        self, op: str, p: Peer, plan: TransferPlan, request_id: str, note: bytes, started: float
+    ) -> PendingRequest:
+        """Post ``plan`` as one engine request: a read lands on its destination side
+        (ours), a write comes from its source side (ours)."""
+        src, dst = (plan.src_region, plan.src_offset), (plan.dst_region, plan.dst_offset)
+        local, remote = (dst, src) if op == "READ" else (src, dst)
         with self._lock:
-            xfer = self.transport.post(
-                "WRITE", p.name, plan.src_region, plan.src_offset, plan.dst_region,
-                plan.dst_offset, plan.nbytes, note,
-            )  # fmt: skip
+            xfer = self.transport.post(op, p.name, *local, *remote, plan.nbytes, note)
         return PendingRequest(
-            "WRITE", p, request_id, xfer, started, plan.num_descriptors, plan.total_bytes
+            op, p, request_id, xfer, started, plan.num_descriptors, plan.total_bytes
         )
+
+    def _post_staged(self, p, r_ids, l_ids, num_tokens, heads, request_id, note, started):
+        """Post a read of whole source blocks into a staging buffer (``None``: not possible)."""
+        stage = plan_stage(self._peers.topology(p), r_ids)
+        try:
+            buf, tensor, region = self._staging.acquire(stage.total_bytes, self.timeout)
+        except StagingUnsupported as exc:
+            log.info("staging not possible (%s); reading the plan directly", exc)
+            return None
+        except TimeoutError as exc:
+            raise TransferTimeoutError(f"agent {self.name!r}: {exc}") from None
+        try:
+            with self._lock:
+                xfer = self.transport.post(
+                    "READ", p.name, np.full(stage.nbytes.size, region, dtype=np.int64),
+                    stage.stage_offset, stage.src_region, stage.src_offset, stage.nbytes, note,
+                )  # fmt: skip
+        except BaseException:
+            self._staging.give_back(buf)
+            raise
+        args = (tensor, p.spec, self._layers, r_ids, l_ids, num_tokens, heads)
+        return PendingRequest(
+            "READ", p, request_id, xfer, started, int(stage.nbytes.size), stage.wire_bytes,
+            staged=stage, relayout_args=args, _release=lambda: self._staging.give_back(buf),
+        )  # fmt: skip
 
     def finish(self, pending: PendingRequest, timeout: float | None = None) -> TransferResult:
         """Wait (bounded) for a posted request; on failure tell the peer and raise."""
@@ -381,7 +339,9 @@ class KVTransferAgent:
             if pending.staged is not None:
                 relayout(pending.staged, *pending.relayout_args)
         except TransferError as exc:
-            self._tell_failure(pending, exc)
+            self._notices.tell_failure(
+                pending.peer.side_channel, pending.request_id, pending.op, exc
+            )
             raise
         finally:
             self._give_back_when_quiet(pending)
@@ -416,98 +376,14 @@ class KVTransferAgent:
         threading.Thread(target=wait_then_release, name=f"stage-hold-{self.name}",
                          daemon=True).start()  # fmt: skip
 
-    def _post_staged(self, p, r_ids, l_ids, num_tokens, heads, request_id, note):
-        topo = self._peer_topos.get(p.name)
-        if topo is None:
-            topo = self._peer_topos[p.name] = TransferTopology.from_spec(p.spec)
-        stage = plan_stage(topo, r_ids)
-        try:
-            buf, tensor, region = self._staging.acquire(stage.total_bytes, self.timeout)
-        except StagingUnsupported as exc:
-            log.info("staging not possible (%s); reading the plan directly", exc)
-            return None
-        except TimeoutError as exc:
-            raise TransferTimeoutError(f"agent {self.name!r}: {exc}") from None
-        try:
-            with self._lock:
-                xfer = self.transport.post(
-                    "READ", p.name, np.full(stage.nbytes.size, region, dtype=np.int64),
-                    stage.stage_offset, stage.src_region, stage.src_offset, stage.nbytes, note,
-                )  # fmt: skip
-        except BaseException:
-            self._staging.give_back(buf)
-            raise
-        args = (tensor, p.spec, self._layers, r_ids, l_ids, num_tokens, heads)
-        return PendingRequest(
-            "READ", p, request_id, xfer, 0.0, int(stage.nbytes.size), stage.wire_bytes,
-            staged=stage, relayout_args=args, _release=lambda: self._staging.give_back(buf),
-        )  # fmt: skip
-
-    def _notice_bytes(self, request_id: str, op: str, nbytes: int) -> bytes:
-        return sign_notice(
-            self._secret,
-            md.encode_notice(
-                md.TransferNotice(request_id=request_id, sender=self.name, op=op, nbytes=nbytes)
-            ),
-        )
-
-    def _tell_failure(self, pending: PendingRequest, exc: Exception) -> None:
-        """Best effort, off the caller's thread: the peer learns the request failed."""
-        address = pending.peer.side_channel
-        if not address:
-            return
-        notice = md.TransferNotice(
-            request_id=pending.request_id,
-            sender=self.name,
-            op=pending.op,
-            status="failed",
-            detail=str(exc)[:500],
-        )
-
-        def send() -> None:
-            try:
-                request(address, notice, min(self.timeout, 2.0), self._secret)
-            except TransferError as err:
-                log.info("could not tell %s that %s failed: %s", address, pending.request_id, err)
-
-        threading.Thread(target=send, name=f"notice-{self.name}", daemon=True).start()
-
     # ---------------------------------------------------------------- notices
     def notifications(self) -> list[md.TransferNotice]:
         """New notices from peers (engine notifications and side-channel messages)."""
-        with self._notice_lock:
-            out = list(self._held_notices)
-            self._held_notices.clear()
-            with self._lock:
-                raw = self.transport.notifications()
-            for peer, data in raw:
-                try:
-                    out.append(md.decode_notice(verify_notice(self._secret, data)))
-                except HandshakeError as exc:
-                    log.warning("agent %s: bad notification from %s: %s", self.name, peer, exc)
-            while self._notices:
-                out.append(self._notices.popleft())
-        return out
+        return self._notices.notifications()
 
     def wait_notice(self, request_id: str, timeout: float | None = None) -> md.TransferNotice:
         """The notice of ``request_id``; other notices stay for ``notifications()``."""
-        timeout = self.timeout if timeout is None else timeout
-        deadline = time.perf_counter() + timeout
-        pause = 1e-4
-        while True:
-            got = self.notifications()
-            match = next((n for n in got if n.request_id == request_id), None)
-            with self._notice_lock:
-                self._held_notices.extend(n for n in got if n is not match)
-            if match is not None:
-                return match
-            now = time.perf_counter()
-            if now >= deadline:
-                raise TransferTimeoutError(
-                    f"agent {self.name!r}: no notice for request {request_id!r} in {timeout:.3g} s"
-                )
-            time.sleep(min(pause, deadline - now))
-            pause = min(pause * 2, 5e-3)
+        return self._notices.wait_notice(request_id, self.timeout if timeout is None else timeout)
 
     # ---------------------------------------------------------------- closing
     def close(self) -> None:
@@ -532,7 +408,7 @@ class KVTransferAgent:
     def __repr__(self) -> str:
         return (
             f"KVTransferAgent({self.name!r}, {self.backend}, tp {self.tp_rank}/{self.tp_size}, "
-            f"{len(self.spec.regions)} regions, peers {sorted(self._peers)})"
+            f"{len(self.spec.regions)} regions, peers {sorted(self.peers)})"
         )
 
 

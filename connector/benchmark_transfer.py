@@ -12,8 +12,8 @@ tokens, packed K/V) lives in two processes: a holder (prefill) and this process
 * **memcpy**: one thread copying the same number of bytes in this process
   (``ctypes.memmove``), the limit on this machine.
 
-``kvbridge bench transfer`` and ``bench/transfer.py`` call ``add_arguments`` and
-``run``. ``--json`` makes the last line a JSON object (see ``_summary``).
+``kvbridge bench transfer`` calls ``add_arguments`` and ``run``; ``bench/transfer.py``
+calls ``main``. ``--json`` makes the last line a JSON object (see ``_summary``).
 """
 
 from __future__ import annotations

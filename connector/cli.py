@@ -14,13 +14,6 @@ import traceback
 
 from kvbridge.connector.daemon.config import ConfigError, add_daemon_arguments
 
-DEFAULT_PROMPTS = (
-    "The quick brown fox",
-    "Disaggregated prefill moves the KV cache",
-    "Hello, world!",
-    "Paged attention reads blocks through strides",
-)
-
 
 def _add_client_auth(p: argparse.ArgumentParser) -> None:
     """How a client dials an authenticated daemon (none of them: plaintext)."""

@@ -8,27 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvbridge.topology import LayoutError, TopologySpec
+from kvbridge.topology import HeadRange, LayoutError, TopologySpec
 
 from .errors import IncompatiblePeerError
 from .metadata import WIRE_VERSION, AgentHello
 from .transport import MemRegion
 
-
-@dataclass(frozen=True)
-class HeadMap:
-    """Destination heads ``[dst_start, dst_start + num)`` get source heads ``[src_start, ...)``."""
-
-    src_start: int = 0
-    dst_start: int = 0
-    num: int | None = None
-
-    def kwargs(self) -> dict:
-        return {
-            "src_head_start": self.src_start,
-            "dst_head_start": self.dst_start,
-            "num_heads": self.num,
-        }
+#: Destination heads ``[dst_start, dst_start + num)`` get source heads ``[src_start, ...)``
+#: (the topology's head range, under the connector's public name).
+HeadMap = HeadRange
 
 
 @dataclass(frozen=True)

@@ -44,10 +44,6 @@ class DecodeProblem:
         """Query heads per KV head."""
         return self.num_q_heads // self.num_kv_heads
 
-    @property
-    def is_fp8(self) -> bool:
-        return self.kv_dtype == torch.float8_e4m3fn
-
 
 def _names(dtypes: tuple[torch.dtype, ...]) -> str:
     return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
@@ -77,6 +73,14 @@ def _check_scale(name: str, value: object, fp8: bool, kv_dtype: torch.dtype) -> 
         f"{name}={value} given for a {_names((kv_dtype,))} cache; scales apply only to "
         "float8_e4m3fn caches",
     )
+
+
+def scale_operand(s: object, device: torch.device) -> torch.Tensor | float:
+    """A checked dequantisation scale as both backends take it: a tensor becomes an
+    fp32 0-d tensor on ``device``, a number a float (``None``: 1.0)."""
+    if isinstance(s, torch.Tensor):
+        return s.to(device=device, dtype=torch.float32).reshape(())
+    return 1.0 if s is None else float(s)
 
 
 def v_is_prefix_of_k(k: torch.Tensor, v: torch.Tensor) -> bool:

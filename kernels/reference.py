@@ -10,15 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import DecodeProblem
-
-
-def _scale_value(s: object, device: torch.device) -> torch.Tensor | float:
-    if s is None:
-        return 1.0
-    if isinstance(s, torch.Tensor):
-        return s.to(device=device, dtype=torch.float32).reshape(())
-    return float(s)
+from .checks import DecodeProblem, scale_operand
 
 
 def torch_paged_decode(
@@ -33,8 +25,8 @@ def torch_paged_decode(
     out: torch.Tensor,
 ) -> torch.Tensor:
     """Write attention of every sequence into ``out`` (B, Hq, Dv); return ``out``."""
-    ks = _scale_value(k_scale, q.device)
-    vs = _scale_value(v_scale, q.device)
+    ks = scale_operand(k_scale, q.device)
+    vs = scale_operand(v_scale, q.device)
     hkv, g, bs = p.num_kv_heads, p.group, p.block_size
     lens = seq_lens.tolist()
     for b, length in enumerate(lens):

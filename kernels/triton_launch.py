@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
-from .checks import DecodeProblem, PagedDecodeError
+from .checks import DecodeProblem, PagedDecodeError, scale_operand
 from .triton_config import (
     MAX_SPLITS,
     TritonConfig,
@@ -52,13 +52,6 @@ def support_error(p: DecodeProblem) -> str | None:
         f"96, 128, 256, and MLA 576/512); got head_dim_qk={dqk}, head_dim_v={dv}; use "
         "backend='torch'"
     )
-
-
-def _scale_args(s: object, device: torch.device) -> tuple[torch.Tensor | None, float, bool]:
-    """(pointer tensor or None, float value, whether the kernel reads the pointer)."""
-    if isinstance(s, torch.Tensor):
-        return s.reshape(()).to(device=device, dtype=torch.float32), 1.0, True
-    return None, 1.0 if s is None else float(s), False
 
 
 @dataclass(frozen=True)
@@ -146,8 +139,8 @@ def triton_paged_decode(
             if len(_PLANS) > 4096:
                 _PLANS.clear()
             _PLANS[key] = plan
-    ks_t, ks_v, ks_ptr = _scale_args(k_scale, q.device)
-    vs_t, vs_v, vs_ptr = _scale_args(v_scale, q.device)
+    ks, vs = scale_operand(k_scale, q.device), scale_operand(v_scale, q.device)
+    ks_ptr, vs_ptr = isinstance(ks, torch.Tensor), isinstance(vs, torch.Tensor)  # kernel reads it
     splits, meta = plan.splits, plan.meta
     direct = meta["DIRECT"]
     if direct:
@@ -168,11 +161,11 @@ def triton_paged_decode(
         seq_lens,
         po,
         lse,
-        ks_t if ks_ptr else q,
-        vs_t if vs_ptr else q,
+        ks if ks_ptr else q,
+        vs if vs_ptr else q,
         p.scale * LOG2E,
-        ks_v,
-        vs_v,
+        1.0 if ks_ptr else ks,
+        1.0 if vs_ptr else vs,
         q.stride(0),
         q.stride(1),
         *k_cache.stride()[:3],

@@ -6,6 +6,7 @@ and transfer plans between two (possibly different) layouts. See README.md.
 
 from .block_ranges import BlockRanges
 from .errors import LayoutError
+from .pairing import HeadRange
 from .plan import FRAGMENTATION_LIMIT, SMALL_DESCRIPTOR_BYTES, TransferPlan
 from .spec import SPEC_VERSION, LayerSpec, Region, TopologySpec, ViewSpec
 from .topology import TransferTopology
@@ -15,6 +16,7 @@ __all__ = [
     "SMALL_DESCRIPTOR_BYTES",
     "SPEC_VERSION",
     "BlockRanges",
+    "HeadRange",
     "LayerSpec",
     "LayoutError",
     "Region",

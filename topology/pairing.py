@@ -36,6 +36,14 @@ class HeadRange:
     dst_start: int = 0
     num: int | None = None
 
+    def kwargs(self) -> dict:
+        """As ``TransferPlan.between`` keywords."""
+        return {
+            "src_head_start": self.src_start,
+            "dst_head_start": self.dst_start,
+            "num_heads": self.num,
+        }
+
 
 @dataclass(frozen=True)
 class PairGeom:

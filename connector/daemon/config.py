@@ -1,6 +1,7 @@
 """Daemon configuration: flags > environment (``KVBRIDGE_<FLAG>``) > config file > defaults.
 
-Every daemon flag is declared once in ``FLAGS``; ``add_daemon_arguments`` puts
+Every daemon flag is declared once in ``FLAGS``, its default once as the field
+of the same name in ``DaemonConfig``; ``add_daemon_arguments`` puts
 them on an argparse parser (with ``SUPPRESS`` defaults, so only flags given on
 the command line appear in the namespace) and ``resolve_config`` merges the
 four sources into a ``DaemonConfig``.
@@ -13,7 +14,7 @@ import json
 import os
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,10 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Flag:
+    """One daemon flag; its default is the ``DaemonConfig`` field of the same key."""
+
     name: str  # flag without dashes, e.g. "grpc-port"
     type: Callable[[str], Any]
-    default: Any
     help: str
     choices: tuple | None = None
     roles: tuple[str, ...] = ROLES
@@ -90,76 +92,62 @@ def _bool(text: str | bool) -> bool:
 
 
 FLAGS: tuple[Flag, ...] = (
-    Flag("host", str, "0.0.0.0", "address the gRPC, side-channel and metrics servers bind"),
-    Flag("advertise-host", str, None, "address peers use to reach this daemon (default: host)"),
-    Flag("grpc-port", _port, 50051, "gRPC control API port (0: pick a free one)"),
-    Flag("side-port", _port, 5600, "zmq side-channel (handshake) port"),
-    Flag("metrics-port", _port, 9400, "Prometheus /metrics port (0: pick a free one)"),
-    Flag("backend", str, "nixl", "transfer engine", choices=("nixl", "mooncake")),
-    Flag("kv-layout", str, "nhd", "paged KV cache layout", choices=GQA_LAYOUTS),
-    Flag("num-blocks", _positive_int, 512, "KV cache blocks"),
-    Flag("block-size", _positive_int, 16, "tokens per KV block"),
-    Flag("device", str, "cpu", "torch device of the model and the cache"),
-    Flag(
-        "dtype", str, "float32", "model and cache dtype", choices=("float32", "float16", "bfloat16")
-    ),
-    Flag(
-        "attention-backend",
-        str,
-        "auto",
-        "paged_decode backend",
-        choices=("auto", "torch", "triton"),
-    ),
-    Flag("lease-seconds", _positive_float, 30.0, "how long prefill blocks stay leased to a peer"),
-    Flag("transfer-timeout", _positive_float, 10.0, "seconds a KV transfer may take"),
-    Flag("request-timeout", _positive_float, 60.0, "seconds a gRPC call to a peer daemon may take"),
-    Flag("drain-timeout", _positive_float, 30.0, "seconds SIGTERM waits for in-flight requests"),
-    Flag("torch-threads", int, 1, "torch intra-op threads (0: torch's default)"),
-    Flag("max-new-tokens", _positive_int, 4096, "largest max_new_tokens a request may ask"),
-    Flag("engine-name", str, None, "transfer-engine name (default: ROLE-HOST-PID)"),
-    Flag("ready-file", str, None, "write bound ports as JSON to this file when serving"),
+    Flag("host", str, "address the gRPC, side-channel and metrics servers bind"),
+    Flag("advertise-host", str, "address peers use to reach this daemon (default: host)"),
+    Flag("grpc-port", _port, "gRPC control API port (0: pick a free one)"),
+    Flag("side-port", _port, "zmq side-channel (handshake) port"),
+    Flag("metrics-port", _port, "Prometheus /metrics port (0: pick a free one)"),
+    Flag("backend", str, "transfer engine", choices=("nixl", "mooncake")),
+    Flag("kv-layout", str, "paged KV cache layout", choices=GQA_LAYOUTS),
+    Flag("num-blocks", _positive_int, "KV cache blocks"),
+    Flag("block-size", _positive_int, "tokens per KV block"),
+    Flag("device", str, "torch device of the model and the cache"),
+    Flag("dtype", str, "model and cache dtype", choices=("float32", "float16", "bfloat16")),
+    Flag("attention-backend", str, "paged_decode backend", choices=("auto", "torch", "triton")),
+    Flag("lease-seconds", _positive_float, "how long prefill blocks stay leased to a peer"),
+    Flag("transfer-timeout", _positive_float, "seconds a KV transfer may take"),
+    Flag("request-timeout", _positive_float, "seconds a gRPC call to a peer daemon may take"),
+    Flag("drain-timeout", _positive_float, "seconds SIGTERM waits for in-flight requests"),
+    Flag("torch-threads", int, "torch intra-op threads (0: torch's default)"),
+    Flag("max-new-tokens", _positive_int, "largest max_new_tokens a request may ask"),
+    Flag("engine-name", str, "transfer-engine name (default: ROLE-HOST-PID)"),
+    Flag("ready-file", str, "write bound ports as JSON to this file when serving"),
     Flag(
         "pull-retries",
         int,
-        1,
         "retries of a failed KV pull while the prefill lease lasts (decode)",
         roles=("decode",),
     ),
     Flag(
         "engine-drain-seconds",
         _positive_float,
-        930.0,
         "Mooncake: seconds the blocks of a failed transfer stay quarantined (in-flight "
         "slices may still land; Linux TCP abandons a stalled connection after ~15 min)",
     ),
     Flag(
         "guard-bytes",
         int,
-        0,
         "debug: poison bands of this many bytes around each cache allocation (Stats checks them)",
     ),
-    Flag("num-layers", _positive_int, _MODEL.num_layers, "model layers"),
-    Flag("hidden-size", _positive_int, _MODEL.hidden_size, "model hidden size"),
-    Flag("num-heads", _positive_int, _MODEL.num_heads, "attention query heads"),
-    Flag("num-kv-heads", _positive_int, _MODEL.num_kv_heads, "attention KV heads (GQA)"),
-    Flag("head-dim", _positive_int, _MODEL.head_dim, "attention head dim"),
-    Flag("intermediate-size", _positive_int, _MODEL.intermediate_size, "SwiGLU hidden size"),
-    Flag("vocab-size", _positive_int, _MODEL.vocab_size, "vocabulary size (> 256)"),
-    Flag("seed", int, _MODEL.seed, "seed of the random model weights"),
-    Flag(
-        "model-path", str, None, "local Hugging Face Llama checkpoint (config.json + safetensors)"
-    ),
-    Flag("tls-cert", str, None, "PEM server certificate"),
-    Flag("tls-key", str, None, "PEM private key of --tls-cert"),
-    Flag("tls-ca", str, None, "PEM CA bundle to verify peers"),
-    Flag("auth-token-file", str, None, "file holding the bearer token of the gRPC API"),
-    Flag("side-secret-file", str, None, "file holding the side-channel HMAC secret"),
-    Flag("insecure", _bool, False, "run without TLS and authentication", switch=True),
-    Flag("log-level", str, "info", "log level", choices=("debug", "info", "warning", "error")),
+    Flag("num-layers", _positive_int, "model layers"),
+    Flag("hidden-size", _positive_int, "model hidden size"),
+    Flag("num-heads", _positive_int, "attention query heads"),
+    Flag("num-kv-heads", _positive_int, "attention KV heads (GQA)"),
+    Flag("head-dim", _positive_int, "attention head dim"),
+    Flag("intermediate-size", _positive_int, "SwiGLU hidden size"),
+    Flag("vocab-size", _positive_int, "vocabulary size (> 256)"),
+    Flag("seed", int, "seed of the random model weights"),
+    Flag("model-path", str, "local Hugging Face Llama checkpoint (config.json + safetensors)"),
+    Flag("tls-cert", str, "PEM server certificate"),
+    Flag("tls-key", str, "PEM private key of --tls-cert"),
+    Flag("tls-ca", str, "PEM CA bundle to verify peers"),
+    Flag("auth-token-file", str, "file holding the bearer token of the gRPC API"),
+    Flag("side-secret-file", str, "file holding the side-channel HMAC secret"),
+    Flag("insecure", _bool, "run without TLS and authentication", switch=True),
+    Flag("log-level", str, "log level", choices=("debug", "info", "warning", "error")),
     Flag(
         "prefill",
         _target,
-        [],
         "prefill daemon HOST:PORT (repeatable)",
         roles=("decode",),
         repeat=True,
@@ -167,7 +155,6 @@ FLAGS: tuple[Flag, ...] = (
     Flag(
         "prefill-policy",
         str,
-        "least-loaded",
         "how to pick a prefill daemon",
         choices=("least-loaded", "round-robin"),
         roles=("decode",),
@@ -224,16 +211,9 @@ class DaemonConfig:
     prefill_policy: str = "least-loaded"
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(
-            num_layers=self.num_layers,
-            hidden_size=self.hidden_size,
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            intermediate_size=self.intermediate_size,
-            vocab_size=self.vocab_size,
-            seed=self.seed,
-        )
+        """The model of these sizes (fields ``ModelConfig`` shares; its own defaults else)."""
+        shared = (f.name for f in fields(ModelConfig) if hasattr(self, f.name))
+        return ModelConfig(**{name: getattr(self, name) for name in shared})
 
     @property
     def public_host(self) -> str:
@@ -259,13 +239,14 @@ def add_daemon_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         default=argparse.SUPPRESS,
         help=f"YAML or JSON file of flag values (keys with '_'); env {ENV_PREFIX}CONFIG",
     )
+    defaults = asdict(DaemonConfig(role=role))
     for flag in FLAGS:
         if role not in flag.roles:
             continue
         kw: dict[str, Any] = {
             "dest": flag.key,
             "default": argparse.SUPPRESS,
-            "help": f"{flag.help} (env {flag.env}; default {flag.default!r})",
+            "help": f"{flag.help} (env {flag.env}; default {defaults[flag.key]!r})",
         }
         if flag.switch:
             parser.add_argument(f"--{flag.name}", action="store_true", **kw)

@@ -256,11 +256,10 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                     f"prefill lease of {h.lease_seconds_left:.3f}s too short to pull",
                 )
             try:
-                result = self.endpoint.pull(h, dst, timeout=budget, aborted=aborted)
+                result = self.endpoint.puller.pull(h, dst, timeout=budget, aborted=aborted)
                 break
             except PullError as exc:
-                rt.count(transfer_failures=1)
-                rt.metrics.transfer_failures.inc()
+                rt.count_event("transfer_failures")
                 quiet = exc.quiet()
                 if not quiet:
                     held.append((dst, exc.quiet))
@@ -278,15 +277,13 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                     raise RequestFailedError(
                         code, f"KV pull from {h.engine_name} failed (attempt {attempts}): {exc}"
                     ) from None
-                rt.count(transfer_retries=1)
-                rt.metrics.transfer_retries.inc()
+                rt.count_event("transfer_retries")
                 rt.log.warning(
                     "KV pull failed, retrying",
                     extra={"request_id": rec.request_id, "peer": h.engine_name, "error": str(exc)},
                 )
         if time.monotonic() > deadline:
-            rt.count(transfer_failures=1)
-            rt.metrics.transfer_failures.inc()
+            rt.count_event("transfer_failures")
             raise RequestFailedError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 "KV pull finished after the prefill lease ran out; blocks may have been reused",
@@ -325,7 +322,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
             descriptors=result.descriptors,
             transfer_seconds=result.seconds,
             prefill_seconds=h.prefill_seconds,
-            handshake_seconds=getattr(result, "handshake_seconds", 0.0),
+            handshake_seconds=result.handshake_seconds,
             src_layout=h.kv_layout,
             dst_layout=cfg.kv_layout,
             attempts=attempts,
@@ -341,8 +338,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
             )
         got = kv_checksum(rt.cache, local[: len(h.block_ids)], int(h.num_tokens))
         if not hmac.compare_digest(got, h.kv_checksum):
-            rt.count(corrupt_transfers=1)
-            rt.metrics.corrupt_transfers.inc()
+            rt.count_event("corrupt_transfers")
             rt.log.error(
                 "received KV differs from the prefill's",
                 extra={"request_id": rec.request_id, "want": h.kv_checksum, "got": got},
@@ -382,8 +378,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         table = torch.tensor([local], dtype=torch.int32, device=rt.model.device)
         token, pos, generated = first, len(prompt), 1
         rec.num_generated_tokens = 1
-        rt.count(tokens_generated=1)
-        rt.metrics.tokens_generated.inc()
+        rt.count_event("tokens_generated")
         if token in stop:
             yield pb.GenerateResponse(
                 request_id=rec.request_id, finish_reason=pb.FINISH_REASON_STOP
@@ -396,8 +391,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 logits = rt.model.decode_step([token], [pos], rt.cache, table)
             token, pos, generated = int(logits[0].argmax()), pos + 1, generated + 1
             rec.num_generated_tokens = generated
-            rt.count(tokens_generated=1)
-            rt.metrics.tokens_generated.inc()
+            rt.count_event("tokens_generated")
             done = token in stop
             reason = (
                 pb.FINISH_REASON_STOP

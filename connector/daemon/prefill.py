@@ -39,8 +39,7 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
         rt = self.rt
         rec = rt.registry.get(lease.request_id)
         if lease.end_reason == "expired":
-            rt.count(lease_expiries=1)
-            rt.metrics.lease_expiries.inc()
+            rt.count_event("lease_expiries")
             rt.log.warning(
                 "lease expired",
                 extra={
@@ -52,8 +51,7 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
             if rec is not None:
                 rt.finish(rec, RequestState.FAILED, "lease expired before the peer released it")
         else:
-            rt.count(leases_released=1)
-            rt.metrics.leases_released.inc()
+            rt.count_event("leases_released")
             rt.log.info(
                 "lease ended",
                 extra={"request_id": lease.request_id, "reason": lease.end_reason},
@@ -99,12 +97,7 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"lease_seconds must lie in [0, {MAX_LEASE_SECONDS}], got {request.lease_seconds}",
             )
-        n = blocks_needed(len(tokens), cfg.block_size)
-        if n > cfg.num_blocks:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"prompt of {len(tokens)} tokens needs {n} blocks; the cache has {cfg.num_blocks}",
-            )
+        n = blocks_needed(len(tokens), cfg.block_size)  # <= num_blocks: checked above
         try:
             rec = rt.registry.add(request_id, len(tokens), peer=request.requester)
         except ValueError as exc:

@@ -10,11 +10,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvbridge.connector.daemon.security import ClientAuth
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -112,6 +114,17 @@ class DaemonProcess:
     @property
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.info['metrics_port']}/metrics"
+
+    def metrics(self, timeout: float = 10.0) -> dict[str, float]:
+        """Its /metrics as ``{sample name{labels}: value}`` (label ``role`` dropped)."""
+        with urllib.request.urlopen(self.metrics_url, timeout=timeout) as resp:
+            text = resp.read().decode()
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "role")
+                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return out
 
     def kill(self) -> int | None:
         """SIGKILL (no drain); the exit code."""

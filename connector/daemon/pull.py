@@ -252,10 +252,5 @@ class Puller:
                     self._thread = None
                     return
 
-    @property
-    def num_abandoned(self) -> int:
-        with self._lock:
-            return len(self._abandoned)
-
     def close(self) -> None:
         self._stop.set()

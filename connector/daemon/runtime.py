@@ -74,9 +74,15 @@ class DaemonRuntime:
         self._counter_lock = threading.Lock()
 
     def count(self, **deltas: float) -> None:
+        """Add to the ``Stats`` counters."""
         with self._counter_lock:
             for key, delta in deltas.items():
                 self.counters[key] += delta
+
+    def count_event(self, name: str) -> None:
+        """One more ``name``: its ``Stats`` counter and the Prometheus counter of that name."""
+        self.count(**{name: 1})
+        getattr(self.metrics, name).inc()
 
     def guard_band_bytes_changed(self) -> int:
         """Poison bytes changed around the cache (-1 without ``--guard-bytes``)."""

@@ -115,8 +115,7 @@ class Daemon:
         if not self.auth.insecure:
 
             def refused(method: str, peer: str, reason: str) -> None:
-                rt.count(auth_failures=1)
-                rt.metrics.auth_failures.inc()
+                rt.count_event("auth_failures")
 
             out.append(TokenAuthInterceptor(self.auth.token, rt.log, refused))
         return [*out, DrainInterceptor(rt.draining.is_set), RequestDecodeInterceptor()]

@@ -17,12 +17,12 @@ import threading
 from collections.abc import Callable
 
 from kvbridge.connector.agent import KVTransferAgent
-from kvbridge.connector.daemon.pull import Puller, PullError, PullResult
+from kvbridge.connector.daemon.pull import Puller
 from kvbridge.connector.daemon.runtime import DaemonRuntime
 
 NOTICE_POLL_SECONDS = 0.01
 
-__all__ = ["PullError", "PullResult", "TransferEndpoint"]
+__all__ = ["TransferEndpoint"]
 
 
 class TransferEndpoint:
@@ -45,7 +45,7 @@ class TransferEndpoint:
         self.compat_hash = self.agent.spec.compat_hash
         self.side_address = self.agent.side_channel_address
         self.side_port = self.agent.side.port if self.agent.side is not None else 0
-        self.puller = Puller(self.agent, rt.log)
+        self.puller = Puller(self.agent, rt.log)  # the decode side's pulls
         self._on_done: Callable[[str, str], None] | None = None
         self._stop = threading.Event()
         self._notice_thread: threading.Thread | None = None
@@ -94,17 +94,6 @@ class TransferEndpoint:
                         "peer reported a failed transfer; the lease ends on Release or expiry",
                         extra={"request_id": n.request_id, "peer": n.sender, "detail": n.detail},
                     )
-
-    # ------------------------------------------------------------- decode side
-    def pull(
-        self,
-        handle,
-        local_block_ids: list[int],
-        timeout: float,
-        aborted: Callable[[], bool] | None = None,
-    ) -> PullResult:
-        """Read the handle's blocks into ``local_block_ids`` (``Puller.pull``)."""
-        return self.puller.pull(handle, local_block_ids, timeout, aborted)
 
     def close(self) -> None:
         self._stop.set()

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import MemRegion, PendingTransfer, RegionTable, Transport, import_engine
+from .base import (
+    EngineDescriptors,
+    MemRegion,
+    PendingTransfer,
+    RegionTable,
+    Transport,
+    import_engine,
+)
 
 BACKENDS = ("nixl", "mooncake")
 
@@ -29,6 +36,7 @@ def create_transport(backend: str, name: str, **options: Any) -> Transport:
 
 __all__ = [
     "BACKENDS",
+    "EngineDescriptors",
     "MemRegion",
     "PendingTransfer",
     "RegionTable",

@@ -106,6 +106,26 @@ class RegionTable:
         return {bool(x) for x in np.unique(self.is_cuda[region])}
 
 
+@dataclass(frozen=True, eq=False)
+class EngineDescriptors:
+    """A request's descriptors after the bounds checks, as the engine hook gets them:
+    absolute addresses and device ordinals (int64 arrays) and the memory kind
+    (``True`` = CUDA) of each side, and the lengths."""
+
+    local_addr: np.ndarray
+    local_dev: np.ndarray
+    local_cuda: bool
+    remote_addr: np.ndarray
+    remote_dev: np.ndarray
+    remote_cuda: bool
+    nbytes: np.ndarray
+
+    @property
+    def cuda(self) -> bool:
+        """True when either side is GPU memory."""
+        return self.local_cuda or self.remote_cuda
+
+
 @dataclass(eq=False)
 class PendingTransfer:
     """A posted transfer: its engine handle plus what is needed to report on it."""
@@ -167,19 +187,8 @@ class Transport(ABC):
     def _remove_peer(self, peer: str) -> None: ...
 
     @abstractmethod
-    def _post(
-        self,
-        op: Op,
-        peer: str,
-        local_addr: np.ndarray,
-        local_dev: np.ndarray,
-        local_cuda: bool,
-        remote_addr: np.ndarray,
-        remote_dev: np.ndarray,
-        remote_cuda: bool,
-        nbytes: np.ndarray,
-        notify: bytes,
-    ) -> Any: ...
+    def _post(self, op: Op, peer: str, descs: EngineDescriptors, notify: bytes) -> Any:
+        """Post one engine request; returns its handle."""
 
     @abstractmethod
     def _check(self, handle: Any) -> str:
@@ -286,9 +295,7 @@ class Transport(ABC):
         lkinds, rkinds = local.kinds(lreg), remote.kinds(rreg)
         if len(lkinds) != 1 or len(rkinds) != 1:
             raise DescriptorError("one request cannot mix host and GPU memory on one side")
-        handle = self._post(
-            op,
-            peer,
+        descs = EngineDescriptors(
             laddr,
             local.device_index[lreg],
             lkinds.pop(),
@@ -296,10 +303,9 @@ class Transport(ABC):
             remote.device_index[rreg],
             rkinds.pop(),
             nb,
-            bytes(notify),
         )
-        kind = local.is_cuda[lreg[0]] or remote.is_cuda[rreg[0]]
-        engine = self.engine_descriptors(nb, bool(kind))
+        handle = self._post(op, peer, descs, bytes(notify))
+        engine = self.engine_descriptors(nb, descs.cuda)
         return PendingTransfer(op, peer, int(nb.size), int(nb.sum()), handle, engine)
 
     def engine_descriptors(self, nbytes: np.ndarray, cuda: bool) -> int:

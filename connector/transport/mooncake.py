@@ -30,10 +30,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from ..errors import DescriptorError, EngineUnavailableError, TransferFailedError
-from .base import MemRegion, Op, Transport, import_engine
+from .base import EngineDescriptors, MemRegion, Op, Transport, import_engine
 
 log = logging.getLogger(__name__)
 
@@ -133,19 +131,7 @@ class MooncakeTransport(Transport):
         self._sessions.pop(peer, None)
 
     # --------------------------------------------------------------- transfers
-    def _post(
-        self,
-        op: Op,
-        peer: str,
-        local_addr: np.ndarray,
-        local_dev: np.ndarray,
-        local_cuda: bool,
-        remote_addr: np.ndarray,
-        remote_dev: np.ndarray,
-        remote_cuda: bool,
-        nbytes: np.ndarray,
-        notify: bytes,
-    ) -> Any:
+    def _post(self, op: Op, peer: str, descs: EngineDescriptors, notify: bytes) -> Any:
         try:
             msg = notify.decode() if notify else ""
         except UnicodeDecodeError:
@@ -155,7 +141,7 @@ class MooncakeTransport(Transport):
         note = mc.TransferNotify(self.name, msg) if msg else None
         session = self._sessions[peer]
         cancel = threading.Event()
-        la, ra, nb = local_addr.tolist(), remote_addr.tolist(), nbytes.tolist()
+        la, ra, nb = descs.local_addr.tolist(), descs.remote_addr.tolist(), descs.nbytes.tolist()
         job = _Job(cancel)
         job.future = self._pool.submit(self._run, job, session, la, ra, nb, opcode, note)
         return job

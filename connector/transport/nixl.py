@@ -11,6 +11,7 @@ indexed per request: connector/README.md ("Descriptor lists").
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import logging
 import os
@@ -28,7 +29,7 @@ from ..errors import (
     HandshakeError,
     TransferFailedError,
 )
-from .base import MemRegion, Op, PendingTransfer, Transport
+from .base import EngineDescriptors, MemRegion, Op, PendingTransfer, Transport
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +38,24 @@ PIP_NAME = "nixl-cu12"
 UCX_DEFAULTS: dict[str, str] = {}
 
 
-def split_descriptors(limit: int, laddr, ldev, raddr, rdev, nbytes):
+def split_descriptors(limit: int, d: EngineDescriptors) -> EngineDescriptors:
     """Cut descriptors longer than ``limit`` bytes into pieces (vectorised).
 
     UCX's multi-threaded backend spreads the descriptors of one request over its
     threads; a few huge ranges would keep one thread busy (see README).
     """
-    pieces = -(-nbytes // limit)
-    idx = np.repeat(np.arange(nbytes.size), pieces)
+    pieces = -(-d.nbytes // limit)
+    idx = np.repeat(np.arange(d.nbytes.size), pieces)
     first = np.repeat(np.cumsum(pieces) - pieces, pieces)
     within = (np.arange(idx.size) - first) * limit
-    size = np.minimum(nbytes[idx] - within, limit)
-    return laddr[idx] + within, ldev[idx], raddr[idx] + within, rdev[idx], size
+    return dataclasses.replace(
+        d,
+        local_addr=d.local_addr[idx] + within,
+        local_dev=d.local_dev[idx],
+        remote_addr=d.remote_addr[idx] + within,
+        remote_dev=d.remote_dev[idx],
+        nbytes=np.minimum(d.nbytes[idx] - within, limit),
+    )
 
 
 @dataclass(eq=False)
@@ -260,37 +267,22 @@ class NixlTransport(Transport):
         out[:, 2] = dev
         return out
 
-    def _post(
-        self,
-        op: Op,
-        peer: str,
-        local_addr: np.ndarray,
-        local_dev: np.ndarray,
-        local_cuda: bool,
-        remote_addr: np.ndarray,
-        remote_dev: np.ndarray,
-        remote_cuda: bool,
-        nbytes: np.ndarray,
-        notify: bytes,
-    ) -> Any:
-        host_only = not (local_cuda or remote_cuda)
-        limit = self._split_limit(nbytes) if host_only else 0
-        if limit and int(nbytes.max()) > limit:
-            local_addr, local_dev, remote_addr, remote_dev, nbytes = split_descriptors(
-                limit, local_addr, local_dev, remote_addr, remote_dev, nbytes
-            )
-        agent = self._agent
+    def _post(self, op: Op, peer: str, descs: EngineDescriptors, notify: bytes) -> Any:
+        limit = 0 if descs.cuda else self._split_limit(descs.nbytes)
+        if limit and int(descs.nbytes.max()) > limit:
+            descs = split_descriptors(limit, descs)
+        d, agent = descs, self._agent
         local = agent.get_xfer_descs(
-            self._descs(local_addr, local_dev, nbytes), self._mem_type(local_cuda)
+            self._descs(d.local_addr, d.local_dev, d.nbytes), self._mem_type(d.local_cuda)
         )
         remote = agent.get_xfer_descs(
-            self._descs(remote_addr, remote_dev, nbytes), self._mem_type(remote_cuda)
+            self._descs(d.remote_addr, d.remote_dev, d.nbytes), self._mem_type(d.remote_cuda)
         )
         try:
             handle = agent.initialize_xfer(op, local, remote, peer, notify)
         except Exception as exc:
             raise TransferFailedError(
-                f"NIXL could not prepare a {op} of {nbytes.size} descriptors with peer "
+                f"NIXL could not prepare a {op} of {d.nbytes.size} descriptors with peer "
                 f"{peer!r}: {exc}"
             ) from exc
         try:

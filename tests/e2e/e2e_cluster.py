@@ -1,15 +1,13 @@
-"""Helpers of the e2e tests: daemon processes, gRPC stubs, /metrics scraping."""
+"""Helpers of the e2e tests: daemon arguments, gRPC stubs, KV sizes."""
 
 from __future__ import annotations
 
-import urllib.request
 from dataclasses import dataclass, field
 
 import grpc
-from kvbridge.connector.daemon.procs import DaemonProcess, free_port
+from kvbridge.connector.daemon.procs import free_port
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 NUM_BLOCKS = 64
 BLOCK_SIZE = 16
@@ -38,18 +36,6 @@ class Client:
 
     def close(self) -> None:
         self.channel.close()
-
-
-def scrape(proc: DaemonProcess) -> dict[str, float]:
-    """``{sample name{labels}: value}`` of a daemon's /metrics."""
-    with urllib.request.urlopen(proc.metrics_url, timeout=10) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "role")
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
 
 
 def kv_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, itemsize: int = 4) -> int:

@@ -16,7 +16,7 @@ import time
 
 import grpc
 import pytest
-from e2e_cluster import BLOCK_SIZE, Client, daemon_args, kv_bytes_per_block, scrape
+from e2e_cluster import BLOCK_SIZE, Client, daemon_args, kv_bytes_per_block
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from kvbridge.connector.daemon.client import generate
@@ -151,7 +151,7 @@ def test_concurrent_generations_match_monolithic(cluster, reference):
 
 def test_stats_and_metrics_reflect_the_requests(cluster):
     before = cluster.d.stats().counters
-    m_before = scrape(cluster.decode)
+    m_before = cluster.decode.metrics()
     gens = [
         generate(cluster.d.stub, prompt=p, max_new_tokens=3, request_id=f"stats-{i}")
         for i, p in enumerate(PROMPTS[:2])
@@ -174,7 +174,7 @@ def test_stats_and_metrics_reflect_the_requests(cluster):
         r = by_id[f"stats-{i}"]
         assert r.state == pb.REQUEST_STATE_DONE and r.num_generated_tokens == 3
         assert r.bytes == g.transfer.bytes and r.peer == g.transfer.prefill_target
-    m = scrape(cluster.decode)
+    m = cluster.decode.metrics()
     assert m["kvbridge_transfer_bytes_total"] - m_before["kvbridge_transfer_bytes_total"] == sum(
         g.transfer.bytes for g in gens
     )
@@ -188,14 +188,14 @@ def test_stats_and_metrics_reflect_the_requests(cluster):
         assert s.role == pb.ROLE_PREFILL and s.leased_blocks == 0 and s.blocks_in_use == 0
         assert s.counters.leases_released >= 1 and s.counters.lease_expiries == 0
         assert all(r.state == pb.REQUEST_STATE_DONE for r in s.requests)
-        pm = scrape(proc)
+        pm = proc.metrics()
         assert pm["kvbridge_blocks_leased"] == 0 and pm["kvbridge_lease_expiries_total"] == 0
         assert pm["kvbridge_leases_released_total"] == s.counters.leases_released
 
 
 def test_prefill_lease_expires_or_is_released(cluster):
     p, proc = cluster.p[0], cluster.prefills[0]
-    expiries = scrape(proc)["kvbridge_lease_expiries_total"]
+    expiries = proc.metrics()["kvbridge_lease_expiries_total"]
     tokens = list(range(1, 40))  # 3 blocks
     h = p.stub.Prefill(
         pb.PrefillRequest(
@@ -212,7 +212,7 @@ def test_prefill_lease_expires_or_is_released(cluster):
     assert s.leased_blocks == 0 and s.blocks_in_use == 0
     orphan = next(r for r in s.requests if r.request_id == "orphan")
     assert orphan.state == pb.REQUEST_STATE_FAILED and "lease expired" in orphan.error
-    assert scrape(proc)["kvbridge_lease_expiries_total"] == expiries + 1
+    assert proc.metrics()["kvbridge_lease_expiries_total"] == expiries + 1
     # Release ends a lease at once; a second Release finds nothing
     h = p.stub.Prefill(
         pb.PrefillRequest(request_id="released", prompt_token_ids=tokens, requester="x"), timeout=30

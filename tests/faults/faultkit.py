@@ -1,5 +1,5 @@
 """Helpers of the fault tests: a prefill daemon in a test namespace, a decode daemon
-outside it, their stubs, /metrics, the monolithic reference and bounded waits."""
+outside it, their stubs, the monolithic reference and bounded waits."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import functools
 import random
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -21,7 +20,6 @@ from kvbridge.connector.model import LlamaModel, ModelConfig, generate_monolithi
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 from netlab import NetLab
-from prometheus_client.parser import text_string_to_metric_families
 
 BACKENDS = ("nixl", "mooncake")
 LAYOUTS = {"nixl": ("packed", "nhd"), "mooncake": ("interleaved", "hnd")}  # prefill, decode
@@ -175,18 +173,6 @@ def healthy(proc: DaemonProcess) -> bool:
     return resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def scrape(proc: DaemonProcess) -> dict[str, float]:
-    """``{sample name: value}`` of a daemon's /metrics (label ``role`` dropped)."""
-    with urllib.request.urlopen(proc.metrics_url, timeout=10) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "role")
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
-
-
 def wait_for(pred: Callable[[], bool], timeout: float, what: str, every: float = 0.05) -> float:
     """Poll ``pred`` until true; the seconds it took. AssertionError naming ``what``."""
     t0 = time.monotonic()
@@ -238,5 +224,5 @@ def assert_clean(pair: Pair, timeout: float = 20.0) -> None:
     for stub in (d, p):
         assert stats(stub).guard_band_bytes_changed == 0
     assert healthy(pair.decode) and healthy(pair.prefill)
-    assert scrape(pair.decode)["kvbridge_blocks_in_use"] == 0
-    assert scrape(pair.prefill)["kvbridge_blocks_leased"] == 0
+    assert pair.decode.metrics()["kvbridge_blocks_in_use"] == 0
+    assert pair.prefill.metrics()["kvbridge_blocks_leased"] == 0

@@ -15,7 +15,7 @@ import sys
 import grpc
 import pytest
 from certs import TestCA, secret_file
-from faultkit import gen, local_daemon, prompt_ids, reference_tokens, scrape, stats, wait_for
+from faultkit import gen, local_daemon, prompt_ids, reference_tokens, stats, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from kvbridge.connector import metadata as md
@@ -111,7 +111,7 @@ def test_missing_or_wrong_tokens_are_refused_counted_and_logged(secure):
     pki, _, decode, _ = secure
     good = _stub(decode, pki.client())
     before = stats(good).counters.auth_failures
-    m_before = scrape(decode)["kvbridge_auth_failures_total"]
+    m_before = decode.metrics()["kvbridge_auth_failures_total"]
     tls_only = pki.client(auth_token_file=None)
     wrong = pki.client(auth_token_file=str(pki.other_token))
     refused = 0
@@ -135,7 +135,7 @@ def test_missing_or_wrong_tokens_are_refused_counted_and_logged(secure):
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED and "more than one" in err.details()
         refused += 1
     assert stats(good).counters.auth_failures - before == refused
-    assert scrape(decode)["kvbridge_auth_failures_total"] - m_before == refused
+    assert decode.metrics()["kvbridge_auth_failures_total"] - m_before == refused
     assert "refused an unauthenticated call" in decode.log_path.read_text()
 
 

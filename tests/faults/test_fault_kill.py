@@ -22,7 +22,6 @@ from faultkit import (
     prompt_ids,
     record,
     reference_tokens,
-    scrape,
     stats,
     wait_for,
 )
@@ -98,7 +97,7 @@ def test_decode_killed_after_prefill_lease_expires(lab, tmp_path):
                 decode_args=("--transfer-timeout", "30"))  # fmt: skip
     try:
         pair.start()
-        before = scrape(pair.prefill)
+        before = pair.prefill.metrics()
         lab.shape("200kbit")  # a 6-block pull would take ~8 s, longer than the lease
         fut = in_thread(gen, pair.d, prompt_ids(6, seed=2), 4, "orphan")
         _wait_transferring(pair.d, "orphan")
@@ -114,7 +113,7 @@ def test_decode_killed_after_prefill_lease_expires(lab, tmp_path):
         assert s.counters.lease_expiries == 1 and s.guard_band_bytes_changed == 0
         rid = next(r for r in s.requests if r.request_id.endswith("/orphan"))
         assert rid.state == pb.REQUEST_STATE_FAILED and "lease expired" in rid.error
-        m = scrape(pair.prefill)
+        m = pair.prefill.metrics()
         assert m["kvbridge_lease_expiries_total"] == before["kvbridge_lease_expiries_total"] + 1
         assert m["kvbridge_blocks_leased"] == 0 and m["kvbridge_blocks_in_use"] == 0
         assert healthy(pair.prefill)
