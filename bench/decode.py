@@ -4,17 +4,21 @@ Run on a CUDA machine from the repository root::
 
     python bench/decode.py --out bench/results
 
-1. checks correctness on the GPU (bench/decode_gpu_checks.py: layout/dtype matrix vs a
-   float64 brute force, int64 addressing on a > 2**31-element view, no-copy probe);
+1. checks correctness on the GPU (bench/decode_gpu_checks.py: layout/dtype matrix and
+   multi-token/window cases vs a float64 brute force, int64 addressing on a
+   > 2**31-element view, no-copy probe);
 2. measures the copy limit (device-to-device copy of a 2 GiB buffer, bytes read +
-   written) and, for each case and layout, the Triton kernel (library defaults), a
-   sweep of tile/split configs, and the baseline (FlexAttention paged path on NHD,
-   SDPA over the gathered cache on every layout) in the same run; times are CUDA-event
+   written), the bf16 matmul rate, the host time of one call beside SDPA's
+   (bench/decode_host.py) and, for each row (case, layout, T query tokens, window),
+   the Triton kernel (library defaults), a sweep of tile/split configs (MLA), and the
+   baseline (FlexAttention paged path on NHD, SDPA over the gathered cache on every
+   layout; T = 1 rows without a window) in the same run; times are CUDA-event
    medians (``triton.testing.do_bench``, warmed up, L2 flushed, inputs > L2);
-3. writes ``decode_<gpu>.json`` (rows: case, layout, ms, gbps, copy_gbps, fraction,
-   baseline_ms, ...), ``decode_<gpu>_sweep.json`` and ``decode_<gpu>.png``.
+3. writes ``decode_<gpu>.json`` (rows: case, layout, t, window, ms, gbps, copy_gbps,
+   fraction, baseline_ms, ...), ``decode_<gpu>_sweep.json`` and ``decode_<gpu>.png``.
 
-Achieved bandwidth = bytes the kernel must move (KV read once, q, out) / time.
+Achieved bandwidth = bytes the kernel must move (the KV each query can see read once,
+q, out) / time.
 """
 
 from __future__ import annotations
@@ -35,18 +39,18 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def _ensure_kvbridge() -> None:
-    """Map kvbridge.kernels / kvbridge.connector.layouts onto the checkout when the
+    """Map kvbridge.kernels / kvbridge.topology.layouts onto the checkout when the
     package is not installed (the GPU machine runs from a bare copy of the tree)."""
     try:
-        import kvbridge.connector.layouts
-        import kvbridge.kernels  # noqa: F401
+        import kvbridge.kernels
+        import kvbridge.topology.layouts  # noqa: F401
     except ImportError:
         top = types.ModuleType("kvbridge")
         top.__path__ = []
         sys.modules["kvbridge"] = top
-        conn = types.ModuleType("kvbridge.connector")
-        conn.__path__ = [str(ROOT / "connector")]  # its __init__ is not needed here
-        sys.modules["kvbridge.connector"] = conn
+        topo = types.ModuleType("kvbridge.topology")
+        topo.__path__ = [str(ROOT / "topology")]  # its __init__ (msgspec) is not needed here
+        sys.modules["kvbridge.topology"] = topo
         spec = importlib.util.spec_from_file_location(
             "kvbridge.kernels",
             ROOT / "kernels" / "__init__.py",
@@ -62,8 +66,8 @@ _ensure_kvbridge()
 import torch  # noqa: E402
 import triton  # noqa: E402
 from decode_baselines import flex_paged, sdpa_gather  # noqa: E402
-from decode_gpu_checks import check_int64, check_matrix, check_no_copy  # noqa: E402
-from kvbridge.connector.layouts import allocate  # noqa: E402
+from decode_gpu_checks import check_int64, check_matrix, check_multi, check_no_copy  # noqa: E402
+from decode_host import measure as measure_host  # noqa: E402
 from kvbridge.kernels import paged_decode  # noqa: E402
 from kvbridge.kernels.checks import check_inputs  # noqa: E402
 from kvbridge.kernels.triton_launch import (  # noqa: E402
@@ -71,6 +75,7 @@ from kvbridge.kernels.triton_launch import (  # noqa: E402
     TritonConfig,
     triton_paged_decode,
 )
+from kvbridge.topology.layouts import allocate  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 CASES = {
@@ -80,6 +85,18 @@ CASES = {
     "mla-b64-s4096": dict(batch=64, seq=4096, hq=128, hkv=1, d=576, bs=64),
 }
 GQA_LAYOUTS = ("nhd", "hnd", "packed", "interleaved")
+# (case, layout, T query tokens, window); T = 1 rows of every layout come first
+EXTRA_ROWS = [
+    *[("gqa-b64-s4096", "nhd", t, None) for t in (2, 4, 8)],
+    ("gqa-b64-s4096", "packed", 4, None),
+    ("gqa-b64-s4096", "nhd", 1, 1024),
+    ("gqa-b64-s4096", "nhd", 4, 1024),
+    ("gqa-b8-s32k", "nhd", 1, 4096),
+    ("gqa-b8-s32k", "nhd", 4, 4096),
+    ("mla-b64-s4096", "mla", 2, None),
+    ("mla-b64-s4096", "mla", 4, None),
+    ("mla-b64-s4096", "mla", 1, 1024),
+]
 
 
 # (block_n, block_h, dv_tiles, splits, warps, stages); splits None = library heuristic
@@ -92,8 +109,12 @@ GQA_SWEEP = [
 ]
 MLA_SWEEP = [
     (32, 64, 1, None, 8, 2),
-    (32, 64, 1, 2, 8, 2),
+    (32, 64, 1, None, 8, 3),
+    (16, 64, 1, None, 8, 3),
+    (64, 64, 1, None, 8, 2),
     (64, 64, 1, None, 8, 1),
+    (32, 64, 1, None, 4, 2),
+    (32, 64, 1, 2, 8, 2),
     (32, 32, 1, None, 4, 2),
 ]
 
@@ -112,7 +133,7 @@ def copy_gbps(log) -> float:
     return gbps
 
 
-def build(case: str, layout: str):
+def build(case: str, layout: str, tokens: int = 1):
     c = CASES[case]
     b, s, bs = c["batch"], c["seq"], c["bs"]
     pages = s // bs
@@ -135,23 +156,30 @@ def build(case: str, layout: str):
     k, v = cache.kv("layer0")
     table = torch.randperm(n, device="cuda")[: b * pages].view(b, pages).to(torch.int32)
     seq = torch.full((b,), s, dtype=torch.int32, device="cuda")
-    q = torch.randn(b, c["hq"], k.shape[3], dtype=torch.bfloat16, device="cuda")
+    shape = (b, c["hq"], k.shape[3]) if tokens == 1 else (b, tokens, c["hq"], k.shape[3])
+    q = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
     return cache, q, k, v, table, seq
 
 
-def moved_bytes(case: str, q, k, v) -> int:
+def visible(case: str, tokens: int, window: int | None) -> int:
+    """Keys the queries of one sequence can see (what must be read)."""
+    s = CASES[case]["seq"]
+    return min(s, window + tokens - 1) if window else s
+
+
+def moved_bytes(case: str, q, k, v, t: int = 1, window: int | None = None) -> int:
     c = CASES[case]
-    tokens = c["batch"] * c["seq"]
+    tokens = c["batch"] * visible(case, t, window)
     es = k.element_size()
     if case.startswith("mla"):
         kv = tokens * k.shape[3] * es  # one latent read serves K and V
     else:
         kv = tokens * c["hkv"] * (k.shape[3] + v.shape[3]) * es
-    return kv + q.numel() * q.element_size() + q.shape[0] * q.shape[1] * v.shape[3] * 2
+    return kv + q.numel() * q.element_size() + q.numel() // q.shape[-1] * v.shape[3] * 2
 
 
-def verify(out, q, k, v, table, seq) -> float:
-    ref = paged_decode(q, k, v, table, seq, backend="torch")
+def verify(out, q, k, v, table, seq, window=None) -> float:
+    ref = paged_decode(q, k, v, table, seq, backend="torch", window=window)
     return float((out.float() - ref.float()).norm() / ref.float().norm())
 
 
@@ -182,23 +210,27 @@ def run_config(q, k, v, table, seq, cfg: TritonConfig):
     return lambda: triton_paged_decode(q, k, v, table, seq, p, None, None, out, cfg)
 
 
-def run_layout(case: str, layout: str, cbw: float, args, over: bool, log):
-    """Time one (case, layout): defaults, baselines, and (NHD/MLA) the config sweep."""
-    cache, q, k, v, table, seq = build(case, layout)
-    nbytes = moved_bytes(case, q, k, v)
-    scale = 1.0 / math.sqrt(q.shape[2])
-    out = torch.empty(q.shape[0], q.shape[1], v.shape[3], dtype=q.dtype, device="cuda")
-    fn = lambda: paged_decode(q, k, v, table, seq, out=out, validate=False)
+def run_layout(case: str, layout: str, cbw: float, args, over: bool, log, t=1, window=None):
+    """Time one row: defaults, baselines (T = 1, no window), and (MLA) the config sweep."""
+    cache, q, k, v, table, seq = build(case, layout, t)
+    nbytes = moved_bytes(case, q, k, v, t, window)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out = torch.empty((*q.shape[:-1], v.shape[3]), dtype=q.dtype, device="cuda")
+    fn = lambda: paged_decode(q, k, v, table, seq, out=out, window=window)  # default call
     fn()
-    err = verify(out, q, k, v, table, seq)
+    err = verify(out, q, k, v, table, seq, window)
     ms = bench_ms(fn)
-    ms_checked = bench_ms(lambda: paged_decode(q, k, v, table, seq, out=out))
+    ms_checked = bench_ms(
+        lambda: paged_decode(q, k, v, table, seq, out=out, window=window, validate=True)
+    )
     base = {}
+    plain = t == 1 and window is None
     try:
-        base["sdpa_gather"] = bench_ms(sdpa_gather(q, k, v, table, CASES[case]["seq"], scale))
+        if plain:
+            base["sdpa_gather"] = bench_ms(sdpa_gather(q, k, v, table, CASES[case]["seq"], scale))
     except Exception as e:
         log(f"  sdpa baseline failed on {case}/{layout}: {type(e).__name__}: {e}")
-    if layout in ("nhd", "mla") and not args.no_flex and not over:
+    if plain and layout in ("nhd", "mla") and not args.no_flex and not over:
         try:
             t1 = time.time()
             f = flex_paged(q, k, v, table, CASES[case]["seq"], scale)
@@ -210,10 +242,12 @@ def run_layout(case: str, layout: str, cbw: float, args, over: bool, log):
     best = min(base.items(), key=lambda kv: kv[1]) if base else ("none", math.nan)
     gbps = nbytes / (ms * 1e-3) / 1e9
     c = CASES[case]
-    flops = 2 * c["batch"] * c["hq"] * c["seq"] * (k.shape[3] + v.shape[3])
+    flops = 2 * c["batch"] * c["hq"] * t * visible(case, t, window) * (k.shape[3] + v.shape[3])
     row = dict(
         case=case,
         layout=layout,
+        t=t,
+        window=window,
         ms=ms,
         gbps=gbps,
         copy_gbps=cbw,
@@ -229,12 +263,13 @@ def run_layout(case: str, layout: str, cbw: float, args, over: bool, log):
         kernel=kernel_stats(),
     )
     log(
-        f"{case:14s} {layout:12s} {ms:7.3f} ms {gbps:6.0f} GB/s {gbps / cbw:5.1%} of copy"
+        f"{case:14s} {layout:12s} T={t} w={window} {ms:7.3f} ms {gbps:6.0f} GB/s "
+        f"{gbps / cbw:5.1%} of copy"
         f" | baseline {best[0]} {best[1]:.3f} ms (x{row['speedup']:.1f})"
         f" | with validate {ms_checked:.3f} ms | err {err:.1e} | {row['tflops']:.0f} TFLOP/s"
     )
     entries = []
-    if args.no_sweep or over:
+    if args.no_sweep or over or not plain or layout != "mla":
         return row, entries
     grid = MLA_SWEEP if layout == "mla" else GQA_SWEEP
     for bn, bh, dvt, sp, w, st in tqdm(grid, desc=f"sweep {case}", leave=False):
@@ -266,6 +301,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-extra", action="store_true", help="only the T = 1 rows")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument(
         "--budget-s",
@@ -305,6 +341,7 @@ def main() -> None:
     log(json.dumps(env))
     t0 = time.time()
     checks = check_matrix(log)
+    checks += check_multi(log)
     checks.append(check_int64(log))
     _, q, k, v, table, seq = build("gqa-b64-s4096", "packed")
     checks.append(check_no_copy(q, k, v, table, seq, log))
@@ -314,25 +351,31 @@ def main() -> None:
 
     cbw = copy_gbps(log)
     tflops_peak = gemm_tflops(log)
+    host = measure_host(log)
+    cases = args.cases.split(",")
+    specs = [(c, lay, 1, None) for c in cases
+             for lay in (("mla",) if c.startswith("mla") else GQA_LAYOUTS)]  # fmt: skip
+    specs += [s for s in EXTRA_ROWS if s[0] in cases and not args.no_extra]
     rows, sweep = [], []
-    for case in args.cases.split(","):
-        layouts = ("mla",) if case.startswith("mla") else GQA_LAYOUTS
-        for layout in layouts:
-            over = time.time() - t0 > args.budget_s
-            row, entries = run_layout(case, layout, cbw, args, over, log)
-            rows.append(row)
-            sweep += entries
-            torch.cuda.empty_cache()
+    for case, layout, t, window in specs:
+        over = time.time() - t0 > args.budget_s
+        row, entries = run_layout(case, layout, cbw, args, over, log, t, window)
+        row["fraction_of_matmul"] = row["tflops"] / tflops_peak
+        rows.append(row)
+        sweep += entries
+        torch.cuda.empty_cache()
 
-    result = dict(env=env, copy_gbps=cbw, gemm_tflops=tflops_peak, checks=checks, rows=rows)
+    result = dict(env=env, copy_gbps=cbw, gemm_tflops=tflops_peak, host_us=host, checks=checks,
+                  rows=rows)  # fmt: skip
     (out_dir / f"decode_{gpu}.json").write_text(json.dumps(result, indent=1))
     (out_dir / f"decode_{gpu}_sweep.json").write_text(json.dumps(sweep, indent=1))
     plot(rows, cbw, out_dir / f"decode_{gpu}.png", props.name)
-    print("\ncase           layout       ms      GB/s   frac  baseline_ms speedup")
+    print("\ncase           layout       T window  ms      GB/s   frac  TFLOP/s baseline_ms")
     for r in rows:
         print(
-            f"{r['case']:14s} {r['layout']:12s} {r['ms']:.3f} {r['gbps']:7.0f} "
-            f"{r['fraction']:6.1%} {r['baseline_ms']:9.3f} ({r['baseline']}) x{r['speedup']:.1f}"
+            f"{r['case']:14s} {r['layout']:12s} {r['t']} {r['window']!s:6s} {r['ms']:.3f} "
+            f"{r['gbps']:7.0f} {r['fraction']:6.1%} {r['tflops']:6.0f} {r['baseline_ms']:9.3f} "
+            f"({r['baseline']})"
         )
     print(f"total {time.time() - t0:.0f}s")
 
@@ -343,7 +386,7 @@ def plot(rows: list[dict], cbw: float, path: Path, device: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['case']}\n{r['layout']}" for r in rows]
+    labels = [f"{r['case']}\n{r['layout']} T={r.get('t', 1)} w={r.get('window')}" for r in rows]
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.8), 5))
     ax.bar([i - 0.2 for i in x], [r["gbps"] for r in rows], 0.4, label="kvbridge triton")

@@ -14,9 +14,9 @@ import time
 
 import torch
 from decode_truth import TOLERANCE, brute_force, make_case, rel_err
-from kvbridge.connector.layouts import GQA_LAYOUTS, allocate
 from kvbridge.kernels import paged_decode
 from kvbridge.kernels.triton_launch import TritonConfig, triton_paged_decode
+from kvbridge.topology.layouts import GQA_LAYOUTS, allocate
 from tqdm import tqdm
 
 F8 = torch.float8_e4m3fn
@@ -145,6 +145,50 @@ def check_matrix(log, device: str = "cuda") -> list[dict]:
         log(f"  {name:32s} rel_err={err:.2e} tol={tol:g} {'ok' if ok else 'FAIL'}")
         if not ok:
             raise AssertionError(f"GPU correctness failed: {name}: rel_err {err} zero_ok {zero_ok}")
+    return rows
+
+
+def check_multi(log, device: str = "cuda") -> list[dict]:
+    """Multi-token decode, windows and host-side metadata vs the float64 brute force."""
+    seqs = [0, 17, 20, 300, 1000]  # >= T (16) or 0 (padding)
+    base = dict(seq_lens=seqs, num_q_heads=8, num_kv_heads=2, head_dim=128, device=device)
+    cases = []
+    for layout in GQA_LAYOUTS:
+        for t, w in ((4, None), (4, 100), (None, 37), (16, 300), (2, 1)):
+            cases.append((f"{layout} T={t or 1} window={w}", layout,
+                          {**base, "tokens": t, "window": w, "storage_offset": 3,
+                           "block_pad": 40, "strided_q": True}, None))  # fmt: skip
+    mla = {**base, "num_q_heads": 128, "block_size": 64, "seq_lens": [0, 7, 300, 1000]}
+    for t, w in ((2, None), (4, 200), (None, 100)):
+        cases.append((f"mla T={t or 1} window={w}", "mla", {**mla, "tokens": t, "window": w}, None))
+    cases.append(("nhd T=4 w=50 splits=5", "nhd", {**base, "tokens": 4, "window": 50},
+                  TritonConfig(num_splits=5)))  # fmt: skip
+    cases.append(("nhd T=8 host metadata", "nhd", {**base, "tokens": 8, "window": 64}, "host"))
+    rows = []
+    for name, layout, kw, cfg in tqdm(cases, desc="gpu multi-token checks"):
+        case = make_case(layout, **kw)
+        out = torch.full(case.out_shape(), float("nan"), dtype=case.q.dtype, device=device)
+        bt, sl = case.block_table, case.seq_lens
+        if cfg == "host":
+            bt, sl = bt.cpu(), sl.cpu()
+        if isinstance(cfg, TritonConfig):
+            from kvbridge.kernels.checks import check_inputs
+
+            p = check_inputs(case.q, case.k, case.v, bt, sl, None, None, None, out, case.window)
+            triton_paged_decode(case.q, case.k, case.v, bt, sl, p, None, None, out, cfg)
+        else:
+            paged_decode(case.q, case.k, case.v, bt, sl, out=out, backend="triton",
+                         window=case.window, validate=True)  # fmt: skip
+        torch.cuda.synchronize()
+        ref = brute_force(case.q, case.k, case.v, case.block_table, case.seq_lens,
+                          window=case.window)  # fmt: skip
+        err = rel_err(out, ref)
+        tol = TOLERANCE[case.q.dtype]
+        ok = err <= tol and not out.isnan().any()
+        rows.append(dict(check=name, rel_err=err, tol=tol, ok=bool(ok)))
+        log(f"  {name:32s} rel_err={err:.2e} tol={tol:g} {'ok' if ok else 'FAIL'}")
+        if not ok:
+            raise AssertionError(f"GPU multi-token check failed: {name}: rel_err {err}")
     return rows
 
 

@@ -24,8 +24,11 @@ import multiprocessing as mp
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SRC_START, DST_START = 3, 7
 
@@ -67,8 +70,7 @@ def request_ids(args) -> tuple[np.ndarray, np.ndarray]:
 def dry_plan(args) -> dict:
     """Sizes and descriptors of the request, computed on meta tensors (no memory)."""
     import torch
-    from kvbridge.connector import layouts
-    from kvbridge.topology import TransferPlan, TransferTopology
+    from kvbridge.topology import TransferPlan, TransferTopology, layouts
 
     cache = layouts.allocate(args.layout, dtype=torch.bfloat16, device="meta", **cache_kw(args))
     topo = TransferTopology.from_caches(cache.layers)
@@ -110,7 +112,7 @@ def checksum(cache, ids: np.ndarray) -> int:
 
 def _allocate(layout: str, kw: dict, device: str, seed: int):
     import torch
-    from kvbridge.connector import layouts
+    from kvbridge.topology import layouts
 
     gen = torch.Generator(device=device).manual_seed(seed)
     return layouts.allocate(layout, dtype=torch.bfloat16, device=device, generator=gen, **kw)
@@ -153,7 +155,7 @@ def torch_copy_gbps(nbytes: int, src: str, dst: str, repeats: int) -> float:
 
 def baseline_seconds(agent, peer, src: np.ndarray, dst: np.ndarray, args) -> tuple[list, int]:
     """Timed pulls of the same bytes, one descriptor per (layer, K or V, block)."""
-    from kvbridge.connector.benchmark_transfer import per_block_descriptors
+    from transfer import per_block_descriptors  # bench/transfer.py (this folder)
 
     views = len(next(iter(agent.topology.spec().layers)).views)
     rreg, roff, nb = per_block_descriptors(agent.topology, views, src)

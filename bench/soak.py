@@ -34,10 +34,10 @@ from pathlib import Path
 import grpc
 import psutil
 import torch
-from kvbridge.connector.daemon.client import generate
-from kvbridge.connector.daemon.procs import DaemonProcess, free_port
-from kvbridge.connector.daemon.security import ClientAuth
-from kvbridge.connector.model import LlamaModel, ModelConfig, generate_monolithic
+from kvbridge.connector.serving.client import generate
+from kvbridge.connector.serving.daemon.security import ClientAuth
+from kvbridge.connector.serving.model import LlamaModel, ModelConfig, generate_monolithic
+from kvbridge.connector.serving.procs import DaemonProcess, free_port
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 from tqdm import tqdm

@@ -23,8 +23,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-from kvbridge.connector import layouts
-from kvbridge.topology import TransferPlan, TransferTopology
+from kvbridge.topology import TransferPlan, TransferTopology, layouts
 from kvbridge.topology.analysis import footprint
 from kvbridge.topology.pairing import HeadRange
 from kvbridge.topology.plan import _template

@@ -1,49 +1,31 @@
-"""``paged_decode``: the public entry point and backend selection."""
+"""``paged_decode``: the public entry point (validation, backend choice, fast path)."""
 
 from __future__ import annotations
 
 import torch
 
-from .checks import PagedDecodeError, check_indices, check_inputs
-from .reference import torch_paged_decode
+from .backends import REGISTRY, Backend, backend_names, resolve
+from .checks import DecodeProblem, PagedDecodeError, check_indices, check_inputs
 
-BACKENDS = ("auto", "triton", "torch")
-
-
-def _triton_module():
-    """The Triton launcher module, or None when triton is not installed."""
-    try:
-        from . import triton_launch
-    except ImportError:
-        return None
-    return triton_launch
+BACKENDS = backend_names()  # the names the CLI offers ("auto" first)
+_CALLS: dict[tuple, tuple[DecodeProblem, Backend]] = {}  # metadata key -> checked call
 
 
-def _resolve_backend(backend: str, q: torch.Tensor, problem) -> str:
-    if backend not in BACKENDS:
-        raise PagedDecodeError(f"unknown backend {backend!r}; supported: {', '.join(BACKENDS)}")
-    tl_mod = _triton_module()
-    if backend == "torch":
-        return "torch"
-    if backend == "auto":
-        if q.is_cuda and tl_mod is not None and tl_mod.support_error(problem) is None:
-            return "triton"
-        return "torch"
-    if tl_mod is None:
-        raise PagedDecodeError(
-            "backend='triton' needs the triton package (pip install 'kvbridge[triton]'); "
-            "use backend='torch'"
-        )
-    err = tl_mod.support_error(problem)
-    if err:
-        raise PagedDecodeError(err)
-    if not q.is_cuda and not tl_mod.is_interpreted():
-        raise PagedDecodeError(
-            f"backend='triton' needs CUDA tensors (q is on {q.device}) or the Triton "
-            "interpreter (TRITON_INTERPRET=1 set before triton is imported); use "
-            "backend='torch' or 'auto' on the CPU"
-        )
-    return "triton"
+def _scale_key(s: object) -> object:
+    return (s.shape, s.dtype, s.device) if isinstance(s, torch.Tensor) else (type(s), s)
+
+
+def _call_key(q, k, v, bt, sl, scale, k_scale, v_scale, out, backend, window) -> tuple:
+    """Everything ``check_inputs`` and the backend choice read, as one hashable key."""
+    o = None if out is None else (out.shape, out.stride(), out.dtype, out.device)
+    return (
+        backend, type(window), window, type(scale), scale,
+        _scale_key(k_scale), _scale_key(v_scale), o,
+        q.shape, q.stride(), q.dtype, q.device,
+        k.shape, k.stride(), k.dtype, k.device, k.data_ptr() == v.data_ptr(),
+        v.shape, v.stride(), v.dtype, v.device,
+        bt.shape, bt.stride(), bt.dtype, bt.device, sl.shape, sl.dtype, sl.device,
+    )  # fmt: skip
 
 
 def paged_decode(
@@ -58,44 +40,66 @@ def paged_decode(
     out: torch.Tensor | None = None,
     backend: str = "auto",
     *,
-    validate: bool = True,
+    validate: bool | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Decode attention of one query token per sequence over a paged KV cache.
+    """Decode attention over a paged KV cache: one or T new query tokens per sequence.
 
     Args:
-        q: (B, Hq, Dqk) queries; stride(-1) == 1.
+        q: (B, Hq, Dqk) one query token per sequence, or (B, T, Hq, Dqk): T new
+            tokens, the last T positions of each sequence, causal among
+            themselves (multi-token decode, speculative verification).
         k_cache: (num_blocks, block_size, Hkv, Dqk) view, any strides with stride(-1) == 1.
         v_cache: (num_blocks, block_size, Hkv, Dv) view, same rules; may be a slice of
             ``k_cache`` (MLA: Hkv == 1, Dqk == 576, Dv == 512).
-        block_table: (B, max_pages) int32/int64; entries past a sequence's length are
-            never read and may be -1.
-        seq_lens: (B,) int32/int64 tokens per sequence; 0 gives zeros.
+        block_table: (B, max_pages) int32/int64; entries no query sees (past the
+            length, before the window) are never read and may be -1.
+        seq_lens: (B,) int32/int64 tokens per sequence, the T new ones included;
+            0 gives zeros (padding rows). Both may be on q's device or on the CPU
+            (validated on the host, then copied to the device once).
         scale: softmax scale, default 1/sqrt(Dqk).
         k_scale, v_scale: dequantisation scales of a float8_e4m3fn cache (float or
             one-element tensor); must be None/1.0 for other dtypes.
-        out: optional (B, Hq, Dv) output in q's dtype.
-        backend: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch".
-        validate: check seq_lens and the needed block ids on the host (one sync
-            on a GPU; skipped during CUDA graph capture). The Triton kernel never
-            reads outside the cache either way: it drops ids outside the cache.
+        out: optional (B, [T,] Hq, Dv) output in q's dtype.
+        backend: "auto" or a registered name (``BACKENDS``: "triton", "torch").
+        validate: check seq_lens and the needed block ids. None (default): when
+            they are on the CPU (no sync), not when on the device; True: always
+            (one sync for device tensors, skipped during CUDA graph capture); False:
+            never. The Triton kernel never reads outside the cache either way.
+        window: sliding window (Mistral): the query at position p sees keys
+            p - window < j <= p. None: all keys up to p.
 
     Returns:
-        ``out`` (B, Hq, Dv) in q's dtype.
+        ``out`` (B, Hq, Dv), or (B, T, Hq, Dv) for a 4-D ``q``, in q's dtype.
     """
-    problem = check_inputs(q, k_cache, v_cache, block_table, seq_lens, scale, k_scale, v_scale, out)
-    chosen = _resolve_backend(backend, q, problem)
-    if validate and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-        check_indices(block_table, seq_lens, problem)
+    try:
+        key = _call_key(q, k_cache, v_cache, block_table, seq_lens, scale, k_scale, v_scale,
+                        out, backend, window)  # fmt: skip
+        hit = _CALLS.get(key)
+    except (AttributeError, TypeError):  # not tensors, unhashable: check_inputs explains
+        key, hit = None, None
+    if hit is None:
+        if not isinstance(backend, str) or (backend != "auto" and backend not in REGISTRY):
+            raise PagedDecodeError(
+                f"unknown backend {backend!r}; supported: {', '.join(backend_names())}"
+            )
+        problem = check_inputs(q, k_cache, v_cache, block_table, seq_lens, scale, k_scale,
+                               v_scale, out, window)  # fmt: skip
+        chosen = resolve(backend, problem, q.device)
+        if key is not None:
+            if len(_CALLS) > 4096:
+                _CALLS.clear()
+            _CALLS[key] = (problem, chosen)
+    else:
+        problem, chosen = hit
+    if block_table.device.type == "cpu":
+        if validate is not False:
+            check_indices(block_table, seq_lens, problem)  # host data: no sync
+        if chosen.device_metadata and q.device.type != "cpu":
+            block_table = block_table.to(q.device, non_blocking=True)
+            seq_lens = seq_lens.to(q.device, non_blocking=True)
+    elif validate and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        check_indices(block_table, seq_lens, problem)  # one sync
     if out is None:
-        out = torch.empty(
-            (problem.batch, problem.num_q_heads, problem.head_dim_v), dtype=q.dtype, device=q.device
-        )
-    if chosen == "torch":
-        return torch_paged_decode(
-            q, k_cache, v_cache, block_table, seq_lens, problem, k_scale, v_scale, out
-        )
-    from .triton_launch import triton_paged_decode
-
-    return triton_paged_decode(
-        q, k_cache, v_cache, block_table, seq_lens, problem, k_scale, v_scale, out
-    )
+        out = torch.empty(problem.out_shape, dtype=q.dtype, device=q.device)
+    return chosen.launch(q, k_cache, v_cache, block_table, seq_lens, problem, k_scale, v_scale, out)

@@ -1,8 +1,8 @@
 """Input validation for ``paged_decode``: shapes, dtypes, strides and index values.
 
 Everything here reads tensor metadata only, except ``check_indices`` which reads
-``block_table`` and ``seq_lens`` (one device sync on a GPU). Errors are
-``PagedDecodeError`` and name the argument and what is wrong with it.
+``block_table`` and ``seq_lens`` (numpy on host tensors: no sync; one device sync
+when they live on a GPU). Errors are ``PagedDecodeError`` and name the argument.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 KV_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
@@ -38,11 +39,24 @@ class DecodeProblem:
     q_dtype: torch.dtype
     v_shares_k: bool  # V is the first head_dim_v columns of K (MLA latent)
     scale: float
+    tokens: int = 1  # query tokens per sequence (T): the last T positions, causal
+    window: int = 0  # sliding window (0: none): keys j with p - window < j <= p
+    multi: bool = False  # q is (B, T, Hq, D) and the output (B, T, Hq, Dv)
 
     @property
     def group(self) -> int:
         """Query heads per KV head."""
         return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        b, t, h, dv = self.batch, self.tokens, self.num_q_heads, self.head_dim_v
+        return (b, t, h, dv) if self.multi else (b, h, dv)
+
+    def key_span(self) -> int:
+        """Most key positions one query row can see (the table's capacity bounds it)."""
+        cap = self.max_pages * self.block_size
+        return min(cap, self.window + self.tokens - 1) if self.window else cap
 
 
 def _names(dtypes: tuple[torch.dtype, ...]) -> str:
@@ -104,10 +118,12 @@ def check_inputs(
     k_scale: object,
     v_scale: object,
     out: torch.Tensor | None,
+    window: int | None = None,
 ) -> DecodeProblem:
     """Validate metadata of every argument; return the problem sizes.
 
-    On the hot path (a few microseconds): messages are only formatted on failure.
+    ``block_table``/``seq_lens`` may live on q's device or on the CPU (host
+    metadata, validated without a sync). Messages are only formatted on failure.
     """
     named = (("q", q), ("k_cache", k_cache), ("v_cache", v_cache))
     named += (("block_table", block_table), ("seq_lens", seq_lens))
@@ -115,7 +131,13 @@ def check_inputs(
         if not isinstance(t, torch.Tensor):
             raise PagedDecodeError(f"{name} must be a torch.Tensor, got {type(t)}")
     qs, ks, vs = q.shape, k_cache.shape, v_cache.shape
-    _require(len(qs) == 3, lambda: f"q must be (batch, q_heads, head_dim), got shape {tuple(qs)}")
+    _require(
+        len(qs) in (3, 4),
+        lambda: (
+            f"q must be (batch, q_heads, head_dim) or (batch, tokens, q_heads, head_dim), "
+            f"got shape {tuple(qs)}"
+        ),
+    )
     for name, shape in (("k_cache", ks), ("v_cache", vs)):
         if len(shape) != 4:
             raise PagedDecodeError(
@@ -123,9 +145,15 @@ def check_inputs(
                 f"{tuple(shape)}"
             )
     dev = q.device
-    for name, t in named[1:]:
+    for name, t in named[1:3]:
         if t.device != dev:
             raise PagedDecodeError(f"{name} is on {t.device} but q is on {dev}")
+    mdev = block_table.device
+    if mdev != seq_lens.device or (mdev != dev and mdev.type != "cpu"):
+        raise PagedDecodeError(
+            f"block_table ({mdev}) and seq_lens ({seq_lens.device}) must both be on q's device "
+            f"({dev}) or both on the CPU"
+        )
     kd, qd = k_cache.dtype, q.dtype
     _require(
         kd in KV_DTYPES,
@@ -157,7 +185,13 @@ def check_inputs(
             "(num_blocks, block_size, kv_heads)"
         ),
     )
-    b, hq, dq = qs
+    multi = len(qs) == 4
+    b, t, hq, dq = qs if multi else (qs[0], 1, qs[1], qs[2])
+    _require(t >= 1, lambda: f"q has {t} tokens per sequence; need at least 1")
+    _require(
+        window is None or (type(window) is int and window >= 1),
+        lambda: f"window must be None or an int >= 1, got {window!r}",
+    )
     _require(bs >= 1 and hkv >= 1, lambda: f"k_cache shape {tuple(ks)} has an empty dim")
     _require(dq == dqk, lambda: f"q head_dim {dq} differs from k_cache head_dim {dqk}")
     _require(
@@ -184,12 +218,13 @@ def check_inputs(
         ),
     )
     dv = vs[3]
+    oshape = (b, t, hq, dv) if multi else (b, hq, dv)
     if out is not None:
         _require(isinstance(out, torch.Tensor), lambda: "out must be a torch.Tensor")
         _require(
-            out.shape == (b, hq, dv) and out.dtype == qd and out.device == dev,
+            out.shape == oshape and out.dtype == qd and out.device == dev,
             lambda: (
-                f"out must be a {qd} tensor of shape {(b, hq, dv)} on {dev}, got "
+                f"out must be a {qd} tensor of shape {oshape} on {dev}, got "
                 f"{out.dtype} {tuple(out.shape)} on {out.device}"
             ),
         )
@@ -217,31 +252,53 @@ def check_inputs(
         q_dtype=qd,
         v_shares_k=v_is_prefix_of_k(k_cache, v_cache),
         scale=float(scale),
+        tokens=t,
+        window=window or 0,
+        multi=multi,
     )
 
 
-def check_indices(block_table: torch.Tensor, seq_lens: torch.Tensor, p: DecodeProblem) -> None:
-    """Check that ``seq_lens`` fit the table and every needed block id is a cache block.
+def _first_bad(mask) -> int:
+    return int(np.flatnonzero(mask)[0] if isinstance(mask, np.ndarray) else mask.nonzero()[0, 0])
 
-    Entries past a sequence's length are ignored (they may be -1). One sync on a GPU.
+
+def check_indices(block_table: torch.Tensor, seq_lens: torch.Tensor, p: DecodeProblem) -> None:
+    """Check ``seq_lens`` (0, or T..capacity) and every block id a query can see.
+
+    Entries outside what the queries see (past the length, or before the window)
+    are ignored and may be -1. Host tensors: numpy, no sync; device tensors: one sync.
     """
-    cap = p.max_pages * p.block_size
-    sl = seq_lens.to(torch.int64)
-    bad_len = (sl < 0) | (sl > cap)
-    pages = torch.div(sl + p.block_size - 1, p.block_size, rounding_mode="floor")
-    col = torch.arange(p.max_pages, device=block_table.device)
-    needed = col[None, :] < pages[:, None]
-    bt = block_table.to(torch.int64)
+    cap, bs, t = p.max_pages * p.block_size, p.block_size, p.tokens
+    host = block_table.device.type == "cpu"
+    if host:
+        sl = seq_lens.numpy().astype(np.int64)
+        bt = block_table.numpy()
+        col = np.arange(p.max_pages)
+    else:
+        sl = seq_lens.to(torch.int64)
+        bt = block_table
+        col = torch.arange(p.max_pages, device=block_table.device)
+    bad_len = (sl < 0) | (sl > cap) | ((sl > 0) & (sl < t))
+    pages = (sl + bs - 1) // bs
+    first = (sl - t - p.window + 1).clip(0) // bs if p.window else pages * 0
+    needed = (col[None, :] < pages[:, None]) & (col[None, :] >= first[:, None])
     bad_id = needed & ((bt < 0) | (bt >= p.num_blocks))
-    flags = torch.stack([bad_len.any(), bad_id.any()]).tolist()
+    flags = (bad_len.any(), bad_id.any()) if host else torch.stack(
+        [bad_len.any(), bad_id.any()]).tolist()  # fmt: skip
     if flags[0]:
-        i = int(bad_len.nonzero()[0, 0])
+        i = _first_bad(bad_len)
+        n = int(sl[i])
+        if 0 < n < t:
+            raise PagedDecodeError(
+                f"seq_lens[{i}] = {n} is shorter than the {t} query tokens per sequence (q has "
+                f"T = {t}; seq_lens counts the new tokens too; 0 marks a padding row)"
+            )
         raise PagedDecodeError(
-            f"seq_lens[{i}] = {int(sl[i])} is outside [0, {cap}] (block_table has "
+            f"seq_lens[{i}] = {n} is outside [0, {cap}] (block_table has "
             f"{p.max_pages} pages of {p.block_size} tokens)"
         )
     if flags[1]:
-        i, j = (int(x) for x in bad_id.nonzero()[0])
+        i, j = (int(x) for x in (np.argwhere(bad_id)[0] if host else bad_id.nonzero()[0]))
         raise PagedDecodeError(
             f"block_table[{i}, {j}] = {int(bt[i, j])} is not a cache block (0..{p.num_blocks - 1})"
             f" but seq_lens[{i}] = {int(sl[i])} needs it"

@@ -16,8 +16,7 @@ from functools import lru_cache
 
 import torch
 import triton
-
-from .checks import DecodeProblem
+from kvbridge.kernels.checks import DecodeProblem
 
 MAX_SPLITS = 64
 MIN_SPLIT_TOKENS = 128
@@ -40,9 +39,10 @@ class TritonConfig:
 
 
 def default_config(p: DecodeProblem) -> TritonConfig:
-    """One head tile covers a GQA group (up to 64 heads; MLA: 64 of its heads)."""
+    """One row tile covers a GQA group times the T query tokens (up to 64 rows; MLA:
+    64 of its heads)."""
     da = p.head_dim_v if p.head_dim_qk > p.head_dim_v else p.head_dim_qk
-    block_h = min(max(16, triton.next_power_of_2(p.group)), 64)
+    block_h = min(max(16, triton.next_power_of_2(p.group * p.tokens)), 64)
     if da <= 128:
         return TritonConfig(block_n=32, block_h=block_h, num_warps=4, num_stages=3)
     if da <= 256:
@@ -81,7 +81,7 @@ def pick_splits(
     once). More: keep one split unless the last wave would be under half full and
     there are fewer than 4 waves, then the fewest splits that fix that.
     """
-    cap = max(p.max_pages * p.block_size, 1)
+    cap = max(p.key_span(), 1)
     s_max = max(1, min(MAX_SPLITS, cap // max(MIN_SPLIT_TOKENS, block_n)))
     slots_one = (occupancy[0] or GUESS_CTAS_PER_SM) * sms
     slots_many = (occupancy[1] or GUESS_CTAS_PER_SM) * sms

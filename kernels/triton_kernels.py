@@ -1,8 +1,13 @@
 """Triton kernels of the stride-aware paged decode (flash-decoding, two stages).
 
-Stage 1: one program per (head tile, sequence, split). A head tile is up to
-``BLOCK_H`` query heads of one KV head group, so each K/V tile is loaded once for
-all of them and scored with ``tl.dot`` (MLA: 128 heads share one latent). The
+Stage 1: one program per (row tile, sequence, split). The rows of a KV head are
+its (query token, query head) pairs, ``row = t * group + h``; a row tile is up
+to ``BLOCK_H`` of them, so each K/V tile is loaded once for all the heads and
+all the T new tokens and scored with ``tl.dot`` (MLA: 128 heads share one latent;
+multi-token decode: T tokens share the same KV). Token ``t`` of T sits at position
+``p = len - T + t`` and sees keys ``j <= p`` (``CAUSAL``) and ``j > p - window``
+(``WINDOW``); a tile walks only the key range its rows can see, so blocks wholly
+outside the window are never read. The
 program walks its split's tokens ``BLOCK_N`` at a time: token ``t`` lives in slot
 ``t % PAGE`` of block ``block_table[b, t // PAGE]``; every address is
 ``block * stride_b + slot * stride_t + head * stride_h + d`` computed in int64 from
@@ -27,7 +32,9 @@ import triton.language as tl
 # Ints that change from call to call: no value specialisation (no recompiles).
 # Cache strides keep Triton's divisible-by-16 specialisation, which is what lets
 # it emit 16-byte loads; a stride of any other value is still correct.
-_STAGE1_DYNAMIC = ["num_blocks", "max_pages", "stride_btb", "tokens_per_split", "group"]
+_STAGE1_DYNAMIC = [
+    "num_blocks", "max_pages", "stride_btb", "tokens_per_split", "group", "n_tok", "window",
+]  # fmt: skip
 
 
 @triton.jit
@@ -59,6 +66,7 @@ def paged_decode_stage1(
     k_scale,
     v_scale,
     stride_qb,
+    stride_qt,
     stride_qh,
     stride_kb,
     stride_kt,
@@ -68,14 +76,18 @@ def paged_decode_stage1(
     stride_vh,
     stride_btb,
     stride_ob,
+    stride_ot,
     stride_oh,
     stride_os,
     stride_lb,
+    stride_lt,
     stride_lh,
     num_blocks,
     max_pages,
     tokens_per_split,
     group,
+    n_tok,
+    window,
     PAGE: tl.constexpr,
     HEAD_TILES: tl.constexpr,
     DV_TILES: tl.constexpr,
@@ -91,6 +103,8 @@ def paged_decode_stage1(
     DIRECT: tl.constexpr,
     K_SCALE_PTR: tl.constexpr,
     V_SCALE_PTR: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -99,21 +113,32 @@ def paged_decode_stage1(
     b = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2).to(tl.int64)
     kvh = (pid_h // HEAD_TILES).to(tl.int64)
-    offs_h = (pid_h % HEAD_TILES) * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_mask = offs_h < group
-    heads = kvh * group + offs_h.to(tl.int64)
+    r0 = (pid_h % HEAD_TILES) * BLOCK_H
+    rows = r0 + tl.arange(0, BLOCK_H)  # row = token * group + head in group
+    n_rows = n_tok * group
+    h_mask = rows < n_rows
+    tok = (rows // group).to(tl.int64)
+    heads = kvh * group + (rows % group).to(tl.int64)
 
     # Sequence bounds: clamp to the table's capacity, so nothing past it is read.
     seq_len = tl.load(seq_ptr + b).to(tl.int64)
     cap = max_pages.to(tl.int64) * PAGE
     seq_len = tl.minimum(tl.maximum(seq_len, 0), cap)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, seq_len)
+    pos = seq_len - n_tok + tok  # each row's own position (sees keys <= pos)
+    hi = seq_len
+    if CAUSAL:  # the tile's last token sees up to its position
+        t_hi = (tl.minimum(r0 + BLOCK_H, n_rows) - 1) // group
+        hi = tl.maximum(tl.minimum(seq_len - n_tok + t_hi + 1, seq_len), 0)
+    lo = hi * 0
+    if WINDOW:  # the tile's first token sees from pos - window + 1
+        lo = tl.maximum(seq_len - n_tok + r0 // group - window + 1, 0)
+    start = (lo // BLOCK_N) * BLOCK_N + split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, hi)
 
     cdt = q_ptr.dtype.element_ty
     offs_da = tl.arange(0, BLOCK_DA)
     da_mask = offs_da < DA
-    q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+    q_rows = q_ptr + b * stride_qb + tok[:, None] * stride_qt + heads[:, None] * stride_qh
     q_a = tl.load(q_rows + offs_da[None, :], mask=h_mask[:, None] & da_mask[None, :], other=0.0)
     if DT > 0:
         offs_dt = tl.arange(0, BLOCK_DT)
@@ -137,7 +162,7 @@ def paged_decode_stage1(
     v_head = v_ptr + kvh * stride_vh
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < end
+        n_mask = (offs_n < end) & (offs_n >= lo)
         page = tl.load(bt_row + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
         n_mask = n_mask & (page >= 0) & (page < num_blocks)
         slot = (offs_n % PAGE).to(tl.int64)
@@ -156,7 +181,12 @@ def paged_decode_stage1(
                 other=0.0,
             ).to(cdt)
             qk = _mma(q_t, tl.trans(k_t), qk, PRECISION, UPCAST)
-        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+        seen = n_mask[None, :]
+        if CAUSAL:
+            seen = seen & (offs_n[None, :] <= pos[:, None])
+        if WINDOW:
+            seen = seen & (offs_n[None, :] > pos[:, None] - window)
+        qk = tl.where(seen, qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(qk - m_safe[:, None])
@@ -181,35 +211,45 @@ def paged_decode_stage1(
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     o = acc * (vs / l_safe)[:, None]
-    o_ptrs = o_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_dv[None, :]
+    o_rows = o_ptr + b * stride_ob + tok * stride_ot + heads * stride_oh
+    o_ptrs = o_rows[:, None] + offs_dv[None, :]
     o_mask = h_mask[:, None] & dv_mask[None, :]
     if DIRECT:
         tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=o_mask)
     else:
         tl.store(o_ptrs + split * stride_os, o, mask=o_mask)
         lse = tl.where(has, m_i + tl.log2(l_safe), float("-inf"))
-        tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
+        l_ptrs = lse_ptr + b * stride_lb + tok * stride_lt + heads * stride_lh + split
+        tl.store(l_ptrs, lse, mask=h_mask)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "num_heads"])
 def paged_decode_stage2(
     po_ptr,
     lse_ptr,
     out_ptr,
     stride_pb,
+    stride_pt,
     stride_ph,
     stride_ps,
     stride_lb,
+    stride_lt,
     stride_lh,
     stride_ob,
+    stride_ot,
     stride_oh,
     num_splits,
+    num_heads,
     DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    h = tl.program_id(0).to(tl.int64)
+    t = (tl.program_id(0) // num_heads).to(tl.int64)
+    h = (tl.program_id(0) % num_heads).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
+    po_ptr += t * stride_pt
+    lse_ptr += t * stride_lt
+    out_ptr += t * stride_ot
     offs_s = tl.arange(0, BLOCK_S)
     s_mask = offs_s < num_splits
     offs_dv = tl.arange(0, BLOCK_DV)

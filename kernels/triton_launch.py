@@ -2,7 +2,9 @@
 
 ``triton_paged_decode`` takes the views exactly as given and passes their data
 pointers and strides to the kernels: the cache is never copied. The only
-allocations are the split-K workspace, ``B * Hq * splits * (Dv + 1)`` fp32.
+allocation is the split-K workspace, ``B * T * Hq * splits * (Dv + 1)`` fp32 (one
+tensor), and only when the plan has more than one split (otherwise stage 1 writes
+``out`` and stage 2 is not launched).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class LaunchPlan:
     per_split: int
     variant: tuple  # occupancy key without the DIRECT flag
     meta: dict = field(hash=False, compare=False)  # stage-1 constexprs
+    stage2: dict = field(hash=False, compare=False)  # stage-2 constexprs
 
 
 def _plan(p: DecodeProblem, cfg: TritonConfig, device: torch.device) -> tuple[LaunchPlan, bool]:
@@ -72,10 +75,10 @@ def _plan(p: DecodeProblem, cfg: TritonConfig, device: torch.device) -> tuple[La
     dv_tiles = math.ceil(dv / block_dv)
     shared = p.v_shares_k and dv_tiles == 1  # V is K[..., :dv]: read the latent once
     da, dt = (dv, dqk - dv) if dqk > dv else (dqk, 0)
-    head_tiles = math.ceil(p.group / cfg.block_h)
+    head_tiles = math.ceil(p.group * p.tokens / cfg.block_h)
     programs = p.num_kv_heads * head_tiles * p.batch * dv_tiles
     variant = (device, dataclasses.replace(cfg, num_splits=None), da, dt, dv, p.block_size)
-    variant += (p.q_dtype, p.kv_dtype, shared)
+    variant += (p.q_dtype, p.kv_dtype, shared, p.tokens > 1, p.window > 0)
     final = True
     if cfg.num_splits is not None:
         splits = max(1, min(int(cfg.num_splits), MAX_SPLITS))
@@ -84,9 +87,11 @@ def _plan(p: DecodeProblem, cfg: TritonConfig, device: torch.device) -> tuple[La
         final = device.type != "cuda" or None not in occ
         sms = num_sms(device.index or 0) if device.type == "cuda" else 4
         splits = pick_splits(p, programs, sms, cfg.block_n, occ)
-    cap = max(p.max_pages * p.block_size, 1)
-    per_split = math.ceil(max(cfg.block_n, math.ceil(cap / splits)) / cfg.block_n) * cfg.block_n
-    splits = max(1, math.ceil(cap / per_split))
+    # keys one tile may walk: the table's capacity, or its window (+ block_n: the
+    # walk starts at the window's first key rounded down to a block_n multiple)
+    span = max(p.key_span() + (cfg.block_n - 1 if p.window else 0), 1)
+    per_split = math.ceil(max(cfg.block_n, math.ceil(span / splits)) / cfg.block_n) * cfg.block_n
+    splits = max(1, math.ceil(span / per_split))
     meta = dict(
         PAGE=p.block_size,
         HEAD_TILES=head_tiles,
@@ -101,13 +106,25 @@ def _plan(p: DecodeProblem, cfg: TritonConfig, device: torch.device) -> tuple[La
         BLOCK_N=cfg.block_n,
         V_SHARED=shared,
         DIRECT=splits == 1,
+        CAUSAL=p.tokens > 1,
+        WINDOW=p.window > 0,
         PRECISION="ieee" if p.q_dtype == torch.float32 else "tf32",
         UPCAST=is_interpreted(),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    stage2 = dict(
+        DV=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+        BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,
+    )  # fmt: skip
     grid = (p.num_kv_heads * head_tiles * dv_tiles, p.batch, splits)
-    return LaunchPlan(grid, splits, per_split, variant, meta), final
+    return LaunchPlan(grid, splits, per_split, variant, meta, stage2), final
+
+
+def _out_strides(p: DecodeProblem, out: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, token, head) strides of ``out``; token stride 0 for a 3-D output."""
+    st = out.stride()
+    return (st[0], st[1], st[2]) if p.multi else (st[0], 0, st[1])
 
 
 def triton_paged_decode(
@@ -122,7 +139,7 @@ def triton_paged_decode(
     out: torch.Tensor,
     config: TritonConfig | None = None,
 ) -> torch.Tensor:
-    """Run the two-stage kernel into ``out`` (B, Hq, Dv); return ``out``."""
+    """Run the kernel(s) into ``out`` ((B, [T,] Hq, Dv)); return ``out``."""
     key = (p, config, q.device)
     plan = _PLANS.get(key)
     if plan is None:
@@ -143,16 +160,19 @@ def triton_paged_decode(
     ks_ptr, vs_ptr = isinstance(ks, torch.Tensor), isinstance(vs, torch.Tensor)  # kernel reads it
     splits, meta = plan.splits, plan.meta
     direct = meta["DIRECT"]
+    o_st = _out_strides(p, out)
     if direct:
         po, lse = out, out  # lse unused
-        s_po = (out.stride(0), out.stride(1), 0)
-        s_lse = (0, 0)
+        s_po, s_lse = (*o_st, 0), (0, 0, 0)
     else:
-        dv = p.head_dim_v
-        po = torch.empty((p.batch, p.num_q_heads, splits, dv), dtype=torch.float32, device=q.device)
-        lse = torch.empty((p.batch, p.num_q_heads, splits), dtype=torch.float32, device=q.device)
-        s_po = po.stride()[:3]
-        s_lse = lse.stride()[:2]
+        b, t, h, dv = p.batch, p.tokens, p.num_q_heads, p.head_dim_v
+        ws = torch.empty(b * t * h * splits * (dv + 1), dtype=torch.float32, device=q.device)
+        po = ws[: b * t * h * splits * dv]
+        lse = ws[b * t * h * splits * dv :]
+        s_po = (t * h * splits * dv, h * splits * dv, splits * dv, dv)
+        s_lse = (t * h * splits, h * splits, splits)
+    qst = q.stride()
+    q_st = qst[:3] if p.multi else (qst[0], 0, qst[1])
     kernel = paged_decode_stage1[plan.grid](
         q,
         k_cache,
@@ -166,8 +186,7 @@ def triton_paged_decode(
         p.scale * LOG2E,
         1.0 if ks_ptr else ks,
         1.0 if vs_ptr else vs,
-        q.stride(0),
-        q.stride(1),
+        *q_st,
         *k_cache.stride()[:3],
         *v_cache.stride()[:3],
         block_table.stride(0),
@@ -177,6 +196,8 @@ def triton_paged_decode(
         p.max_pages,
         plan.per_split,
         p.group,
+        p.tokens,
+        p.window,
         K_SCALE_PTR=ks_ptr,
         V_SCALE_PTR=vs_ptr,
         **meta,
@@ -186,18 +207,7 @@ def triton_paged_decode(
         _OCCUPANCY[occ_key] = ctas_per_sm(kernel, meta["num_warps"])
     LAST_LAUNCH.update(stage1=kernel, grid=plan.grid, splits=splits)
     if not direct:
-        paged_decode_stage2[(p.num_q_heads, p.batch)](
-            po,
-            lse,
-            out,
-            *po.stride()[:3],
-            *lse.stride()[:2],
-            out.stride(0),
-            out.stride(1),
-            splits,
-            DV=p.head_dim_v,
-            BLOCK_DV=max(16, triton.next_power_of_2(p.head_dim_v)),
-            BLOCK_S=max(2, triton.next_power_of_2(splits)),
-            num_warps=4,
-        )
+        paged_decode_stage2[(p.tokens * p.num_q_heads, p.batch)](
+            po, lse, out, *s_po, *s_lse, *o_st, splits, p.num_q_heads, **plan.stage2,
+        )  # fmt: skip
     return out

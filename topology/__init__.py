@@ -4,12 +4,12 @@ Regions from real strides, coalesced block byte ranges, a wire spec for peers,
 and transfer plans between two (possibly different) layouts. See README.md.
 """
 
-from .block_ranges import BlockRanges
-from .errors import LayoutError
-from .pairing import HeadRange
-from .plan import FRAGMENTATION_LIMIT, SMALL_DESCRIPTOR_BYTES, TransferPlan
-from .spec import SPEC_VERSION, LayerSpec, Region, TopologySpec, ViewSpec
-from .topology import TransferTopology
+from kvbridge.topology.block_ranges import BlockRanges
+from kvbridge.topology.errors import LayoutError
+from kvbridge.topology.pairing import HeadRange
+from kvbridge.topology.plan import FRAGMENTATION_LIMIT, SMALL_DESCRIPTOR_BYTES, TransferPlan
+from kvbridge.topology.spec import SPEC_VERSION, LayerSpec, Region, TopologySpec, ViewSpec
+from kvbridge.topology.topology import TransferTopology
 
 __all__ = [
     "FRAGMENTATION_LIMIT",

@@ -11,12 +11,11 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-
-from .errors import LayoutError
-from .intervals import I64, element_pieces, union_pieces
-from .pairing import PairGeom, identity_pairs
-from .spec import TopologySpec
-from .template import TEMPLATES, Template, build_template
+from kvbridge.topology.errors import LayoutError
+from kvbridge.topology.intervals import I64, element_pieces, union_pieces
+from kvbridge.topology.pairing import PairGeom, identity_pairs
+from kvbridge.topology.spec import TopologySpec
+from kvbridge.topology.template import TEMPLATES, Template, build_template
 
 _ALIAS_CHUNK = 1 << 22  # pairs of intervals examined per numpy step
 _PAIRWISE_MAX = 4096  # above this many intervals, compare by residue classes instead

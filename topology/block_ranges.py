@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from .spec import TopologySpec
+from kvbridge.topology.spec import TopologySpec
 
 
 @dataclass(frozen=True, eq=False)

@@ -10,8 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-
-from .errors import LayoutError
+from kvbridge.topology.errors import LayoutError
 
 #: Meta-device tensors have no memory; they get disjoint virtual addresses from
 #: here, so a topology can be planned at full scale without allocating it.

@@ -10,11 +10,10 @@ may still touch, and a sort-based merge only for templates flagged canonical.
 from __future__ import annotations
 
 import numpy as np
-
-from .errors import LayoutError
-from .intervals import I64, canonical, merge_adjacent, run_bounds
-from .pairing import UnitGeom
-from .template import KeyTable, Template
+from kvbridge.topology.errors import LayoutError
+from kvbridge.topology.intervals import I64, canonical, merge_adjacent, run_bounds
+from kvbridge.topology.pairing import UnitGeom
+from kvbridge.topology.template import KeyTable, Template
 
 #: Most descriptors one expansion may materialise (5 int64 arrays: ~1.3 GiB).
 MAX_DESCRIPTORS = 1 << 25

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-
-from .errors import LayoutError
-from .intervals import I64
+from kvbridge.topology.errors import LayoutError
+from kvbridge.topology.intervals import I64
 
 
 def as_block_ids(ids: object, num_blocks: int, what: str) -> np.ndarray:

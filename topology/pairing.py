@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import LayoutError
-from .spec import TopologySpec, ViewSpec
+from kvbridge.topology.errors import LayoutError
+from kvbridge.topology.spec import TopologySpec, ViewSpec
 
 
 @dataclass(frozen=True)

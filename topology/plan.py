@@ -10,14 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from .analysis import footprint
-from .errors import LayoutError
-from .expand import expand
-from .ids import as_block_ids, count_runs, sorted_unique
-from .pairing import HeadRange, plan_pairs
-from .spec import TopologySpec
-from .template import TEMPLATES, Template, build_template
+from kvbridge.topology.analysis import footprint
+from kvbridge.topology.errors import LayoutError
+from kvbridge.topology.expand import expand
+from kvbridge.topology.ids import as_block_ids, count_runs, sorted_unique
+from kvbridge.topology.pairing import HeadRange, plan_pairs
+from kvbridge.topology.spec import TopologySpec
+from kvbridge.topology.template import TEMPLATES, Template, build_template
 
 #: A plan is ``fragmented`` when it needs this many times more descriptors than
 #: reading the same source blocks whole would ...

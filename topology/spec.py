@@ -13,9 +13,8 @@ from functools import cached_property
 
 import msgspec
 import numpy as np
-
-from .describe import ViewInfo
-from .errors import LayoutError
+from kvbridge.topology.describe import ViewInfo
+from kvbridge.topology.errors import LayoutError
 
 SPEC_VERSION = 1
 

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-
-from .errors import LayoutError
-from .intervals import I64, TooManyPieces, element_pieces, union_pieces
-from .pairing import PairGeom, UnitGeom
+from kvbridge.topology.errors import LayoutError
+from kvbridge.topology.intervals import I64, TooManyPieces, element_pieces, union_pieces
+from kvbridge.topology.pairing import PairGeom, UnitGeom
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-
-from .analysis import footprint
-from .block_ranges import BlockRanges
-from .describe import describe_caches
-from .expand import expand
-from .ids import as_block_ids, sorted_unique
-from .spec import Region, TopologySpec, build_spec
+from kvbridge.topology.analysis import footprint
+from kvbridge.topology.block_ranges import BlockRanges
+from kvbridge.topology.describe import describe_caches
+from kvbridge.topology.expand import expand
+from kvbridge.topology.ids import as_block_ids, sorted_unique
+from kvbridge.topology.spec import Region, TopologySpec, build_spec
 
 
 class TransferTopology:

@@ -3,20 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from engines import BACKENDS, require
 from xfer_harness import PeerProcess
-
-BACKENDS = ("nixl", "mooncake")
-
-
-def _engine_available(backend: str) -> bool:
-    try:
-        if backend == "nixl":
-            import nixl_cu12  # noqa: F401
-        else:
-            import mooncake.engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @pytest.fixture(scope="session")
@@ -29,9 +17,7 @@ def peer_processes():
 
 @pytest.fixture(params=BACKENDS)
 def backend(request) -> str:
-    if not _engine_available(request.param):
-        pytest.skip(f"{request.param} engine not installed")
-    return request.param
+    return require(request.param)
 
 
 @pytest.fixture

@@ -31,6 +31,21 @@ def test_decode_tp2_reads_head_ranges_from_prefill_tp1(procs, src_layout, staged
         assert was_staged is staged
 
 
+def test_decode_tp4_replicated_heads_read_from_prefill_tp1(procs):
+    """TP 4 over 2 KV heads: ranks 0, 1 hold head 0 and ranks 2, 3 head 1 (replicated);
+    the handshake maps each rank onto its head of a TP=1 prefill's two."""
+    a, b = procs
+    prefill = CacheCfg("hnd", 351).with_(num_kv_heads=2)
+    for rank in range(4):
+        decode = CacheCfg("nhd", 360 + rank, poison=370 + rank).with_(num_kv_heads=1)
+        pull(
+            a, decode, b, prefill, IDS_SRC, IDS_DST,
+            a_opts={"tp_rank": rank, "tp_size": 4, "total_kv_heads": 2},
+            b_opts={"tp_size": 1, "total_kv_heads": 2},
+            truth={"src_head_start": rank // 2, "dst_head_start": 0, "num_heads": 1},
+        )  # fmt: skip
+
+
 def test_decode_tp1_reads_two_prefill_ranks_concurrently(procs):
     """A TP=1 decode (4 heads) pulls heads [0, 2) and [2, 4) from two TP=2 prefill ranks."""
     a, b = procs

@@ -1,4 +1,4 @@
-"""Every DESIGN.md layout, both engines, pull and push, between two OS processes.
+"""Every registered layout, both engines, pull and push, between two OS processes.
 
 The receiving process checks every byte of its allocations: the selected logical
 blocks equal the source's (torch indexing on a regenerated copy of the source),
@@ -9,7 +9,7 @@ unchanged and gets the completion notice; so does the receiver of a push.
 from __future__ import annotations
 
 import pytest
-from kvbridge.connector.layouts import LAYOUTS
+from kvbridge.topology.layouts import LAYOUTS
 from xfer_harness import CacheCfg, pull, push
 
 SRC_IDS = [3, 4, 5, 9, 0, 14]

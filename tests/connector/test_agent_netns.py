@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from engines import backend_params
 
 pytestmark = pytest.mark.netns
 
@@ -90,7 +91,7 @@ def _last_json(text: str) -> dict:
     return json.loads(lines[-1])
 
 
-@pytest.mark.parametrize("backend", ["nixl", "mooncake"])
+@pytest.mark.parametrize("backend", backend_params())
 def test_pull_across_namespaces(namespaces, backend):
     (ns_a, dev_a), (ns_b, dev_b) = namespaces["a"], namespaces["b"]
     port = "47100" if backend == "nixl" else "47200"

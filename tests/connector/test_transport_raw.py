@@ -12,8 +12,12 @@ import time
 import numpy as np
 import pytest
 import torch
-from kvbridge.connector.errors import DescriptorError, TransferFailedError, UnknownPeerError
-from kvbridge.connector.transport import MemRegion, create_transport
+from kvbridge.connector.transfer.errors import (
+    DescriptorError,
+    TransferFailedError,
+    UnknownPeerError,
+)
+from kvbridge.connector.transfer.transport import MemRegion, create_transport
 
 
 @pytest.fixture

@@ -8,9 +8,13 @@ import msgspec
 import pytest
 import torch
 import zmq
-from kvbridge.connector import metadata as md
-from kvbridge.connector.errors import HandshakeError, IncompatiblePeerError, PeerUnreachableError
-from kvbridge.connector.side_channel import SideChannelServer, parse_address, request
+from kvbridge.connector.transfer import metadata as md
+from kvbridge.connector.transfer.errors import (
+    HandshakeError,
+    IncompatiblePeerError,
+    PeerUnreachableError,
+)
+from kvbridge.connector.transfer.side_channel import SideChannelServer, parse_address, request
 
 
 def _hello(**kw) -> md.AgentHello:
@@ -104,7 +108,8 @@ def test_unreachable_side_channel_is_bounded():
 
 @pytest.fixture(scope="module")
 def agent():
-    from kvbridge.connector import KVTransferAgent, layouts
+    from kvbridge.connector import KVTransferAgent
+    from kvbridge.topology import layouts
 
     cache = layouts.allocate("nhd", num_layers=2, num_blocks=8, block_size=4, num_kv_heads=2,
                              head_dim=8, generator=torch.Generator().manual_seed(0))  # fmt: skip

@@ -38,7 +38,7 @@ class CacheCfg:
     def build(self):
         import torch
         from kv_apply import poison_
-        from kvbridge.connector import layouts
+        from kvbridge.topology import layouts
 
         cache = layouts.allocate(
             self.layout, generator=torch.Generator().manual_seed(self.seed), **self.kw

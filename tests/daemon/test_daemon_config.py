@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from kvbridge.connector.cli import build_parser
-from kvbridge.connector.daemon.config import ConfigError, DaemonConfig, resolve_config
+from kvbridge.connector.serving.cli import build_parser
+from kvbridge.connector.serving.daemon.config import ConfigError, DaemonConfig, resolve_config
 
 
 def _args(argv: list[str]):
@@ -126,7 +126,7 @@ def test_parser_has_the_documented_flags():
 def test_auth_flags_are_checked_before_anything_starts(tmp_path):
     """Auth is on unless --insecure: partial or contradictory flags are refused up front
     (the full auth behaviour is tested in tests/faults/test_auth.py)."""
-    from kvbridge.connector.daemon.server import Daemon
+    from kvbridge.connector.serving.daemon.server import Daemon
 
     cert = tmp_path / "c.pem"
     cert.write_text("x")

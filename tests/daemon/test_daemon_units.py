@@ -6,9 +6,9 @@ import threading
 import time
 
 import pytest
-from kvbridge.connector.daemon.allocator import BlockAllocator, OutOfBlocksError
-from kvbridge.connector.daemon.leases import LeaseTable
-from kvbridge.connector.daemon.states import (
+from kvbridge.connector.serving.daemon.allocator import BlockAllocator, OutOfBlocksError
+from kvbridge.connector.serving.daemon.leases import LeaseTable
+from kvbridge.connector.serving.daemon.states import (
     InvalidTransitionError,
     RequestRegistry,
     RequestState,
@@ -122,7 +122,7 @@ def test_state_machine_allows_only_its_edges():
 
 
 def test_prefill_pool_policies():
-    from kvbridge.connector.daemon.prefill_pool import PrefillPool
+    from kvbridge.connector.serving.daemon.prefill_pool import PrefillPool
 
     rr = PrefillPool(["a:1", "b:2", "c:3"], "round-robin")
     assert [rr.order()[0] for _ in range(4)] == ["a:1", "b:2", "c:3", "a:1"]

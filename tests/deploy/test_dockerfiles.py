@@ -257,13 +257,13 @@ def test_copied_sources_build_the_package(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-        assert "kvbridge = kvbridge.connector.cli:main" in z.read(entry_points).decode()
+        assert "kvbridge = kvbridge.connector.serving.cli:main" in z.read(entry_points).decode()
     # every module of the source tree is in the wheel (pyproject's package list is complete)
     sources = [
         f.relative_to(ctx).as_posix()
         for top in ("topology", "connector", "kernels", "proto")
         for f in (ctx / top).rglob("*.py")
     ]
-    assert "connector/cli.py" in sources and "proto/kvbridge/v1/kvbridge_pb2.py" in sources
+    assert "connector/serving/cli.py" in sources and "proto/kvbridge/v1/kvbridge_pb2.py" in sources
     missing = [m for m in sources if f"kvbridge/{m}" not in names]
     assert not missing, f"not packaged (add to [tool.setuptools] packages): {missing}"

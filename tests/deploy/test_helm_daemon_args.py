@@ -1,5 +1,5 @@
 """Every rendered daemon container's arguments, env and config file go through the daemons' own
-CLI (`kvbridge.connector.cli.build_parser`) and configuration resolver, and every file they
+CLI (`kvbridge.connector.serving.cli.build_parser`) and configuration resolver, and every file they
 name is mounted from a rendered (or declared existing) Secret or ConfigMap."""
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def _environ(c: dict) -> dict[str, str]:
 
 
 def _resolve(r: Rendered, role: str, tmp_path: Path):
-    from kvbridge.connector.cli import build_parser
-    from kvbridge.connector.daemon.config import resolve_config
+    from kvbridge.connector.serving.cli import build_parser
+    from kvbridge.connector.serving.daemon.config import resolve_config
 
     c = container(_sts(r, role))
     parser = build_parser()
@@ -105,7 +105,7 @@ def test_extra_args_and_env_reach_the_daemon(tmp_path: Path) -> None:
 
 def test_unknown_extra_arg_is_caught() -> None:
     """The parse check can fail: a flag the CLI does not know is rejected."""
-    from kvbridge.connector.cli import build_parser
+    from kvbridge.connector.serving.cli import build_parser
 
     r = render("default", ("decode.extraArgs[0]=--no-such-flag",))
     with pytest.raises(SystemExit):
@@ -114,7 +114,7 @@ def test_unknown_extra_arg_is_caught() -> None:
 
 @pytest.mark.parametrize("value_set", SETS)
 def test_kvbridge_env_names_are_flags(value_set: str) -> None:
-    from kvbridge.connector.daemon.config import FLAGS
+    from kvbridge.connector.serving.daemon.config import FLAGS
 
     r = render(value_set)
     for role in ROLES:
@@ -128,7 +128,7 @@ def test_schema_enums_match_the_cli() -> None:
     import json
 
     from deploy_chart import CHART
-    from kvbridge.connector.daemon.config import FLAG_BY_KEY
+    from kvbridge.connector.serving.daemon.config import FLAG_BY_KEY
 
     schema = json.loads((CHART / "values.schema.json").read_text())
     props = schema["definitions"]["daemonConfig"]["properties"]

@@ -68,7 +68,7 @@ class Daemon:
         env["HOME"] = env["TRITON_CACHE_DIR"] = str(tmp)
         self.log = (tmp / f"{role}.log").open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvbridge.connector.cli", *args],
+            [sys.executable, "-m", "kvbridge.connector.serving.cli", *args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -173,7 +173,7 @@ def test_cpu_release_serves_a_first_request(daemons: list[Daemon], tmp_path: Pat
     target = arg_values(generate, "--target")[0]
     generate = [a if a != target else f"127.0.0.1:{decode.ports['grpc']}" for a in generate]
     out = subprocess.run(
-        [sys.executable, "-m", "kvbridge.connector.cli", *generate],
+        [sys.executable, "-m", "kvbridge.connector.serving.cli", *generate],
         capture_output=True,
         text=True,
         timeout=CALL_TIMEOUT_S,
@@ -215,7 +215,7 @@ def test_authenticated_release_passes_its_exec_probe(daemons: list[Daemon], tmp_
             a = str(decode.files[a])
         args.append(a)
     out = subprocess.run(
-        [sys.executable, "-m", "kvbridge.connector.cli", *args, "--max-new-tokens", "4"],
+        [sys.executable, "-m", "kvbridge.connector.serving.cli", *args, "--max-new-tokens", "4"],
         capture_output=True, text=True, timeout=CALL_TIMEOUT_S, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
@@ -223,7 +223,7 @@ def test_authenticated_release_passes_its_exec_probe(daemons: list[Daemon], tmp_
     no_token = [a for a in args if a != arg_values(args, "--auth-token-file")[0]]
     no_token.remove("--auth-token-file")
     out = subprocess.run(
-        [sys.executable, "-m", "kvbridge.connector.cli", *no_token],
+        [sys.executable, "-m", "kvbridge.connector.serving.cli", *no_token],
         capture_output=True, text=True, timeout=CALL_TIMEOUT_S, check=False,
     )  # fmt: skip
     assert out.returncode == 1 and "UNAUTHENTICATED" in out.stderr

@@ -19,6 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from deploy_chart import CHART, NAMESPACE, RELEASE, VALUE_SETS, render, run_helm, values_args
+from engines import BACKENDS
 
 MIN_KUBE = "1.27.0"
 KUBE_VERSIONS = (MIN_KUBE, kubernetes_validate.latest_version())
@@ -42,7 +43,7 @@ def test_value_sets_cover_the_issue() -> None:
     vals = {name: render(name).values for name in VALUE_SETS}
     assert len(vals) >= 4
     backends = {v["config"]["backend"] for v in vals.values()}
-    assert backends == {"nixl", "mooncake"}
+    assert backends == set(BACKENDS)
     assert {v["auth"]["insecure"] for v in vals.values()} == {True, False}
     assert any(v["hostNetwork"] for v in vals.values())
     assert any(v["rdma"]["enabled"] for v in vals.values())

@@ -42,7 +42,7 @@ def test_notes_healthcheck_command_parses(value_set: str) -> None:
 @pytest.mark.parametrize("value_set", list(VALUE_SETS))
 def test_notes_generate_command_parses(value_set: str) -> None:
     """The first-request command is accepted by `kvbridge generate`."""
-    from kvbridge.connector.cli import build_parser
+    from kvbridge.connector.serving.cli import build_parser
 
     commands = note_commands(notes(value_set), "kvbridge")
     assert len(commands) == 1 and commands[0][0] == "generate"

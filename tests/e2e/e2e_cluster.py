@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import grpc
-from kvbridge.connector.daemon.procs import free_port
+from kvbridge.connector.serving.procs import free_port
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 

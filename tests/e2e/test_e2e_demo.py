@@ -14,7 +14,7 @@ if importlib.util.find_spec("mooncake") is None:  # the engine runs in the daemo
 
 def test_demo_prints_matches_and_exits_zero(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "kvbridge.connector.cli", "demo", "--backend", "mooncake",
+        [sys.executable, "-m", "kvbridge.connector.serving.cli", "demo", "--backend", "mooncake",
          "--prefill-layout", "kv_outer", "--decode-layout", "packed", "--max-new-tokens", "6",
          "--prompt", "first prompt", "--prompt", "a second, longer prompt than the first one",
          "--log-dir", str(tmp_path)],

@@ -7,7 +7,6 @@ monolithic run of the same model token for token.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,17 +16,23 @@ import time
 import grpc
 import pytest
 from e2e_cluster import BLOCK_SIZE, Client, daemon_args, kv_bytes_per_block
+from engines import BACKENDS, available
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from kvbridge.connector.daemon.client import generate
-from kvbridge.connector.daemon.procs import DaemonProcess, free_port
-from kvbridge.connector.model import ByteTokenizer, LlamaModel, ModelConfig, generate_monolithic
+from kvbridge.connector.serving.client import generate
+from kvbridge.connector.serving.model import (
+    ByteTokenizer,
+    LlamaModel,
+    ModelConfig,
+    generate_monolithic,
+)
+from kvbridge.connector.serving.procs import DaemonProcess, free_port
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 
 # The engines run in the daemon processes; don't load them into the test process.
-for _engine in ("nixl_cu12", "mooncake"):
-    if importlib.util.find_spec(_engine) is None:
-        pytest.skip(f"{_engine} is not installed", allow_module_level=True)
+for _engine in BACKENDS:
+    if not available(_engine):
+        pytest.skip(f"the {_engine} engine is not installed", allow_module_level=True)
 
 # backend -> (prefill layouts, decode layout)
 LAYOUTS = {
@@ -391,7 +396,7 @@ def test_release_aborts_a_generation_and_frees_its_blocks(cluster):
 
 
 def test_cli_generate_and_stats(cluster, reference):
-    cmd = [sys.executable, "-m", "kvbridge.connector.cli"]
+    cmd = [sys.executable, "-m", "kvbridge.connector.serving.cli"]
     res = subprocess.run(
         [*cmd, "generate", "--target", cluster.decode.target, "--prompt", PROMPTS[0],
          "--prompt", PROMPTS[1], "--max-new-tokens", "5", "--json"],

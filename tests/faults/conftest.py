@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
+from engines import BACKENDS, require
 from netlab import NetLab, unavailable
 
 
-@pytest.fixture(params=["nixl", "mooncake"])
+@pytest.fixture(params=BACKENDS)
 def backend(request) -> str:
-    module = {"nixl": "nixl_cu12", "mooncake": "mooncake"}[request.param]
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} is not installed")
-    return request.param
+    return require(request.param)
 
 
 @pytest.fixture

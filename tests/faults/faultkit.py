@@ -13,15 +13,14 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from kvbridge.connector.daemon.client import Generation, generate
-from kvbridge.connector.daemon.procs import DaemonProcess, free_port
-from kvbridge.connector.daemon.security import ClientAuth
-from kvbridge.connector.model import LlamaModel, ModelConfig, generate_monolithic
+from kvbridge.connector.serving.client import Generation, generate
+from kvbridge.connector.serving.daemon.security import ClientAuth
+from kvbridge.connector.serving.model import LlamaModel, ModelConfig, generate_monolithic
+from kvbridge.connector.serving.procs import DaemonProcess, free_port
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 from netlab import NetLab
 
-BACKENDS = ("nixl", "mooncake")
 LAYOUTS = {"nixl": ("packed", "nhd"), "mooncake": ("interleaved", "hnd")}  # prefill, decode
 NUM_BLOCKS = 64
 BLOCK_SIZE = 16

@@ -18,10 +18,10 @@ from certs import TestCA, secret_file
 from faultkit import gen, local_daemon, prompt_ids, reference_tokens, stats, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from kvbridge.connector import metadata as md
-from kvbridge.connector.daemon.security import ClientAuth
-from kvbridge.connector.errors import HandshakeError
-from kvbridge.connector.side_channel import request
+from kvbridge.connector.serving.daemon.security import ClientAuth
+from kvbridge.connector.transfer import metadata as md
+from kvbridge.connector.transfer.errors import HandshakeError
+from kvbridge.connector.transfer.side_channel import request
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 
@@ -204,7 +204,7 @@ def test_misconfigured_peers_fail_with_clear_errors(secure):
 
 def test_cli_with_auth_flags_and_config_errors(secure):
     pki, prefill, decode, _ = secure
-    cli = [sys.executable, "-m", "kvbridge.connector.cli"]
+    cli = [sys.executable, "-m", "kvbridge.connector.serving.cli"]
     auth = ["--tls-ca", str(pki.ca.path), "--tls-cert", str(pki.leaf.cert), "--tls-key",
             str(pki.leaf.key), "--auth-token-file", str(pki.token)]  # fmt: skip
     ids = prompt_ids(1, 44)

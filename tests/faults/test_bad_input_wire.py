@@ -17,11 +17,12 @@ import grpc
 import msgspec
 import pytest
 import zmq
+from engines import BACKENDS, require
 from faultkit import NUM_BLOCKS, gen, healthy, local_daemon, stats, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kvbridge.connector import metadata as md
-from kvbridge.connector.errors import HandshakeError
+from kvbridge.connector.transfer import metadata as md
+from kvbridge.connector.transfer.errors import HandshakeError
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 
@@ -186,9 +187,9 @@ class FakePrefill(pb_grpc.KVBridgeServiceServicer):
         return pb.ReleaseResponse(released=False)
 
 
-@pytest.fixture(scope="module", params=["nixl", "mooncake"])
+@pytest.fixture(scope="module", params=BACKENDS)
 def crafted(request, tmp_path_factory):
-    pytest.importorskip({"nixl": "nixl_cu12", "mooncake": "mooncake"}[request.param])
+    require(request.param)
     tmp = tmp_path_factory.mktemp(f"craft-{request.param}")
     real = local_daemon("prefill", request.param, tmp, f"real-{request.param}")
     fake = FakePrefill()

@@ -14,6 +14,7 @@ import time
 
 import grpc
 import pytest
+from engines import BACKENDS, require
 from faultkit import (
     CLEAN_FAILURES,
     NUM_BLOCKS,
@@ -39,13 +40,12 @@ LEASE = 8.0
 POOL_PREFIXES = ("kvbridge-grpc", "mc-", "Dummy", "ThreadPoolExecutor")
 
 
-@pytest.fixture(scope="module", params=["nixl", "mooncake"])
+@pytest.fixture(scope="module", params=BACKENDS)
 def pair(request, tmp_path_factory):
     why = unavailable()
     if why:
         pytest.skip(why)
-    module = {"nixl": "nixl_cu12", "mooncake": "mooncake"}[request.param]
-    pytest.importorskip(module)
+    require(request.param)
     lab = NetLab()
     decode_args = ("--transfer-timeout", str(TRANSFER_TIMEOUT), "--request-timeout", "4")
     p = Pair(lab, request.param, tmp_path_factory.mktemp(f"net-{request.param}"),

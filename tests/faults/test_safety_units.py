@@ -13,13 +13,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from certs import TestCA, secret_file
-from kvbridge.connector import layouts
-from kvbridge.connector.daemon.allocator import BlockAllocator
-from kvbridge.connector.daemon.checksum import kv_checksum
-from kvbridge.connector.daemon.guard import GuardBands
-from kvbridge.connector.daemon.quarantine import Quarantine
-from kvbridge.connector.daemon.security import AuthConfigError, ServerAuth
-from kvbridge.topology import TransferTopology
+from kvbridge.connector.serving.daemon.allocator import BlockAllocator
+from kvbridge.connector.serving.daemon.checksum import kv_checksum
+from kvbridge.connector.serving.daemon.guard import GuardBands
+from kvbridge.connector.serving.daemon.quarantine import Quarantine
+from kvbridge.connector.serving.daemon.security import AuthConfigError, ServerAuth
+from kvbridge.topology import TransferTopology, layouts
 
 pytestmark = pytest.mark.faults
 
@@ -135,13 +134,13 @@ def test_auth_configuration_errors_name_the_flag(tmp_path):
 
 
 def test_refused_side_channel_messages_are_rate_limited_in_the_log(caplog):
-    from kvbridge.connector import metadata as md
-    from kvbridge.connector.errors import HandshakeError
-    from kvbridge.connector.side_channel import SideChannelServer, request
+    from kvbridge.connector.transfer import metadata as md
+    from kvbridge.connector.transfer.errors import HandshakeError
+    from kvbridge.connector.transfer.side_channel import SideChannelServer, request
 
     server = SideChannelServer(lambda m: md.Ack(), secret=b"k" * 32)
     try:
-        with caplog.at_level("WARNING", logger="kvbridge.connector.side_channel"):
+        with caplog.at_level("WARNING", logger="kvbridge.connector.transfer.side_channel"):
             for _ in range(5):
                 with pytest.raises(HandshakeError, match="bad signature"):
                     request(server.address, md.Ack(), 5.0, secret=b"x" * 32)

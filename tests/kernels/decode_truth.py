@@ -12,7 +12,7 @@ import secrets
 from dataclasses import dataclass
 
 import torch
-from kvbridge.connector.layouts import allocate
+from kvbridge.topology.layouts import allocate
 
 TOLERANCE = {  # relative L2 error vs float64; measured ~1e-7 / 1e-4 / 2e-3 (fp8: 4e-3)
     torch.float32: 1e-4,
@@ -34,9 +34,13 @@ class DecodeCase:
     v_scale: float | torch.Tensor | None = None
     cache: object = None
     seed: int = 0
+    window: int | None = None
 
     def kwargs(self) -> dict:
-        return dict(k_scale=self.k_scale, v_scale=self.v_scale)
+        return dict(k_scale=self.k_scale, v_scale=self.v_scale, window=self.window)
+
+    def out_shape(self) -> tuple[int, ...]:
+        return (*self.q.shape[:-1], self.v.shape[3])
 
 
 def brute_force(
@@ -48,30 +52,38 @@ def brute_force(
     scale: float | None = None,
     k_scale: float | torch.Tensor | None = None,
     v_scale: float | torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Float64 attention over the logical views, token by token."""
-    b_, hq, dqk = q.shape
+    """Float64 attention over the logical views, query token by query token.
+
+    ``q`` (B, Hq, D) or (B, T, Hq, D): token ``i`` of T is at position
+    ``len - T + i`` and sees the keys ``j`` with ``pos - window < j <= pos``.
+    """
+    multi = q.dim() == 4
+    q4 = (q if multi else q.unsqueeze(1)).cpu().to(torch.float64)
+    b_, n_tok, hq, dqk = q4.shape
     bs, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
     scale = 1.0 / math.sqrt(dqk) if scale is None else scale
     ks = 1.0 if k_scale is None else float(k_scale)
     vs = 1.0 if v_scale is None else float(v_scale)
-    out = torch.zeros(b_, hq, dv, dtype=torch.float64)
+    out = torch.zeros(b_, n_tok, hq, dv, dtype=torch.float64)
+    kv_head = torch.arange(hq) // g
+    kc, vc, table = k.cpu(), v.cpu(), block_table.cpu().to(torch.int64)
     for b in range(b_):
         length = int(seq_lens[b])
-        if length == 0:
-            continue
-        t = torch.arange(length)
-        blk = block_table[b].cpu().to(torch.int64)[t // bs]
-        slot = t % bs
-        kk = k.cpu()[blk, slot].to(torch.float64) * ks  # (L, Hkv, Dqk)
-        vv = v.cpu()[blk, slot].to(torch.float64) * vs
-        kv_head = torch.arange(hq) // g
-        s = torch.einsum("hd,thd->ht", q[b].cpu().to(torch.float64), kk[:, kv_head]) * scale
-        w = torch.exp(s - s.max(dim=1, keepdim=True).values)
-        w = w / w.sum(dim=1, keepdim=True)
-        out[b] = torch.einsum("ht,thd->hd", w, vv[:, kv_head])
-    return out
+        for i in range(n_tok if length else 0):
+            pos = length - n_tok + i
+            first = max(0, pos - window + 1) if window else 0
+            t = torch.arange(first, pos + 1)
+            blk, slot = table[b][t // bs], t % bs
+            kk = kc[blk, slot].to(torch.float64) * ks  # (L, Hkv, Dqk), token by token
+            vv = vc[blk, slot].to(torch.float64) * vs
+            s = torch.einsum("hd,thd->ht", q4[b, i], kk[:, kv_head]) * scale
+            w = torch.exp(s - s.max(dim=1, keepdim=True).values)
+            w = w / w.sum(dim=1, keepdim=True)
+            out[b, i] = torch.einsum("ht,thd->hd", w, vv[:, kv_head])
+    return out if multi else out[:, 0]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -103,8 +115,13 @@ def make_case(
     table_pad_pages: int = 1,
     device: str = "cpu",
     seed: int | None = None,
+    tokens: int | None = None,
+    window: int | None = None,
 ) -> DecodeCase:
-    """A random cache in ``layout`` with a shuffled block table padded with -1."""
+    """A random cache in ``layout`` with a shuffled block table padded with -1.
+
+    ``tokens``: q is (B, T, Hq, D) (strided_q then also permutes T and Hq in memory).
+    """
     seed = seed if seed is not None else secrets.randbelow(2**31)  # fresh data every run
     gen = torch.Generator().manual_seed(seed)
     # layouts.fill_random_ draws fp8/int bits on the CPU, so a CUDA generator fails
@@ -137,7 +154,12 @@ def make_case(
         table[i, :n] = perm[used : used + n].to(torch.int32)
         used += n
     dqk = k.shape[3]
-    q = torch.randn(len(seq_lens), num_q_heads, dqk + (8 if strided_q else 0), generator=gen)
+    extra = 8 if strided_q else 0
+    if tokens is None:
+        q = torch.randn(len(seq_lens), num_q_heads, dqk + extra, generator=gen)
+    else:
+        q = torch.randn(len(seq_lens), num_q_heads, tokens, dqk + extra, generator=gen)
+        q = q.transpose(1, 2) if strided_q else q.transpose(1, 2).contiguous()
     q = q.to(device=device, dtype=dtype)[..., :dqk]  # strided_q: a non-contiguous view
     case = DecodeCase(
         q=q,
@@ -147,6 +169,7 @@ def make_case(
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         cache=cache,
         seed=seed,
+        window=window,
     )
     if kv_dtype == torch.float8_e4m3fn:
         case.k_scale, case.v_scale = 0.02, 0.05
@@ -155,9 +178,8 @@ def make_case(
 
 def check_case(case: DecodeCase, out: torch.Tensor, tol: float | None = None) -> float:
     """Assert ``out`` matches the brute force; return the relative error."""
-    ref = brute_force(
-        case.q, case.k, case.v, case.block_table, case.seq_lens, None, case.k_scale, case.v_scale
-    )
+    ref = brute_force(case.q, case.k, case.v, case.block_table, case.seq_lens, None,
+                      case.k_scale, case.v_scale, case.window)  # fmt: skip
     tol = tol if tol is not None else TOLERANCE[case.q.dtype]
     err = rel_err(out, ref)
     assert err <= tol, f"relative error {err:.3g} > {tol:g} (make_case seed={case.seed})"

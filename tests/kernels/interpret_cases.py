@@ -17,11 +17,11 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 import torch
 from decode_truth import brute_force, check_case, make_case, rel_err
-from kvbridge.connector.layouts import GQA_LAYOUTS
 from kvbridge.kernels import paged_decode
 from kvbridge.kernels.checks import check_inputs
 from kvbridge.kernels.triton_config import TritonConfig
 from kvbridge.kernels.triton_launch import is_interpreted, triton_paged_decode
+from kvbridge.topology.layouts import GQA_LAYOUTS
 
 F8 = torch.float8_e4m3fn
 SEQS = [0, 1, 17, 40, 33]

@@ -1,7 +1,7 @@
 """The torch backend of paged_decode against a float64 brute force, on the CPU.
 
-Every DESIGN.md layout (through kvbridge.connector.layouts), dtypes, head dims,
-GQA group sizes, block sizes, MLA, fp8 scales and the edge cases of issue 4.
+Every registered layout (kvbridge.topology.layouts), dtypes, head dims,
+GQA group sizes, block sizes, MLA, fp8 scales and the edge cases.
 Fresh random data in every run (the seed is in the failure message).
 """
 
@@ -12,8 +12,8 @@ import torch
 from decode_truth import brute_force, check_case, make_case, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kvbridge.connector.layouts import GQA_LAYOUTS
 from kvbridge.kernels import paged_decode
+from kvbridge.topology.layouts import GQA_LAYOUTS
 
 F8 = torch.float8_e4m3fn
 SEQS = [0, 1, 17, 40, 3]

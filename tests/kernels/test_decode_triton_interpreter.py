@@ -1,4 +1,4 @@
-"""Runs interpret_cases.py (the Triton kernel on the CPU) in its own pytest process.
+"""Runs interpret_*cases.py (the Triton kernel on the CPU) in their own pytest process.
 
 TRITON_INTERPRET must be set before triton is imported, so the interpreter cases
 get a fresh process with it set; the rest of the suite is not affected.
@@ -11,14 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-CASES = Path(__file__).with_name("interpret_cases.py")
+HERE = Path(__file__).parent
+CASES = [HERE / "interpret_cases.py", HERE / "interpret_multi_cases.py"]
 
 
 def test_triton_kernel_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", str(CASES)]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *map(str, CASES)]
     proc = subprocess.run(
-        cmd, env=env, capture_output=True, text=True, timeout=240, cwd=CASES.parents[2]
+        cmd, env=env, capture_output=True, text=True, timeout=240, cwd=HERE.parents[1]
     )
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, tail

@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from kvbridge.connector.layouts import GQA_LAYOUTS
-from kvbridge.connector.model import (
+from kvbridge.connector.serving.model import (
     ByteTokenizer,
     LlamaModel,
     ModelConfig,
@@ -15,6 +14,7 @@ from kvbridge.connector.model import (
     generate_monolithic,
     load_hf_checkpoint,
 )
+from kvbridge.topology.layouts import GQA_LAYOUTS
 from llama_dense_reference import dense_greedy, dense_logits
 
 CFG = ModelConfig(

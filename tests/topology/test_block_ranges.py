@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 from kv_apply import ranges_mask, truth_block_mask
-from kvbridge.connector import layouts
-from kvbridge.topology import LayoutError, TransferTopology
-from kvbridge.topology.reference import reference_block_ranges
+from kvbridge.topology import LayoutError, TransferTopology, layouts
+from topology_reference import reference_block_ranges
 
 SMALL = dict(num_layers=3, num_blocks=12, block_size=4, num_kv_heads=2, head_dim=8,
              kv_lora_rank=16, rope_dim=8, page_bytes=96)  # fmt: skip

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import torch
 from kv_apply import poison_, run_plan
-from kvbridge.connector import layouts
-from kvbridge.topology import TransferPlan, TransferTopology
-from kvbridge.topology.reference import reference_plan
+from kvbridge.topology import TransferPlan, TransferTopology, layouts
+from topology_reference import reference_plan
 
 KW = dict(num_layers=2, num_blocks=12, block_size=4, num_kv_heads=2, head_dim=8,
           kv_lora_rank=16, rope_dim=8, page_bytes=96)  # fmt: skip

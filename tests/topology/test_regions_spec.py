@@ -7,8 +7,7 @@ import itertools
 import msgspec
 import pytest
 import torch
-from kvbridge.connector import layouts
-from kvbridge.topology import LayoutError, TopologySpec, TransferPlan, TransferTopology
+from kvbridge.topology import LayoutError, TopologySpec, TransferPlan, TransferTopology, layouts
 
 KW = dict(num_layers=3, num_blocks=10, block_size=4, num_kv_heads=2, head_dim=8,
           kv_lora_rank=16, rope_dim=8, page_bytes=64)  # fmt: skip

@@ -6,8 +6,7 @@ import msgspec
 import numpy as np
 import pytest
 import torch
-from kvbridge.connector import layouts
-from kvbridge.topology import LayoutError, TopologySpec, TransferPlan, TransferTopology
+from kvbridge.topology import LayoutError, TopologySpec, TransferPlan, TransferTopology, layouts
 
 KW = dict(num_layers=2, num_blocks=8, block_size=4, num_kv_heads=2, head_dim=8)
 

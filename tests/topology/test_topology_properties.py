@@ -16,10 +16,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kv_apply import poison_, ranges_mask, run_plan, truth_block_mask
-from kvbridge.connector.layouts import fill_random_
 from kvbridge.topology import TransferPlan, TransferTopology
 from kvbridge.topology.intervals import canonical
-from kvbridge.topology.reference import reference_block_ranges, reference_plan
+from kvbridge.topology.layouts import fill_random_
+from topology_reference import reference_block_ranges, reference_plan
 
 SETTINGS = dict(
     max_examples=75,

@@ -1,0 +1,37 @@
+"""Layout-independent checksum of a request's KV (verification runs, ``verify_kv``).
+
+Both daemons hash the *logical* K/V of the same tokens, each through its own
+cache's views, so a packed prefill cache and an NHD decode cache give the same
+digest when (and only when) the transfer moved every byte of those tokens. The
+gather copies the prompt's KV: this is a debugging aid, never on by default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+from kvbridge.topology.layouts import KVCache
+
+
+def kv_checksum(cache: KVCache, block_ids: Sequence[int], num_tokens: int) -> str:
+    """BLAKE2b-128 (hex) of tokens ``[0, num_tokens)`` of every layer and view.
+
+    Token ``t`` lives in slot ``t % block_size`` of block ``block_ids[t // block_size]``.
+    """
+    if num_tokens <= 0:
+        raise ValueError(f"num_tokens must be positive, got {num_tokens}")
+    h = hashlib.blake2b(digest_size=16)
+    first = next(iter(cache.layers.values()))[0]
+    bs = first.shape[1]
+    if len(block_ids) * bs < num_tokens:
+        raise ValueError(f"{len(block_ids)} blocks of {bs} tokens cannot hold {num_tokens} tokens")
+    idx = torch.as_tensor(list(block_ids), dtype=torch.long, device=first.device)
+    for name in sorted(cache.layers):
+        h.update(name.encode())
+        for view in cache.layers[name]:
+            x = view.index_select(0, idx)  # (n, bs, ...): a copy, in logical order
+            x = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])[:num_tokens].contiguous()
+            h.update(x.view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,342 @@
+"""Daemon configuration: flags > environment (``KVBRIDGE_<FLAG>``) > config file > defaults.
+
+Every daemon flag is declared once in ``FLAGS``, its default once as the field
+of the same name in ``DaemonConfig``; ``add_daemon_arguments`` puts
+them on an argparse parser (with ``SUPPRESS`` defaults, so only flags given on
+the command line appear in the namespace) and ``resolve_config`` merges the
+four sources into a ``DaemonConfig``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from kvbridge.connector.serving.model.config import ModelConfig
+from kvbridge.connector.transfer.transport.registry import BACKENDS, DEFAULT_BACKEND
+from kvbridge.kernels import BACKENDS as KERNEL_BACKENDS
+from kvbridge.topology.layouts import GQA_LAYOUTS
+
+ENV_PREFIX = "KVBRIDGE_"
+ROLES = ("prefill", "decode")
+_MODEL = ModelConfig()
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid (the message names it)."""
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One daemon flag; its default is the ``DaemonConfig`` field of the same key."""
+
+    name: str  # flag without dashes, e.g. "grpc-port"
+    type: Callable[[str], Any]
+    help: str
+    choices: tuple | None = None
+    roles: tuple[str, ...] = ROLES
+    repeat: bool = False  # list value, flag repeatable
+    switch: bool = False  # boolean store_true flag
+
+    @property
+    def key(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.key.upper()
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"port {value} is outside 0..65535")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(f"{value} is not a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"{value} is not a positive number")
+    return value
+
+
+def _target(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    _port(port)
+    return text
+
+
+def _bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{text!r} is not a boolean")
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("host", str, "address the gRPC, side-channel and metrics servers bind"),
+    Flag("advertise-host", str, "address peers use to reach this daemon (default: host)"),
+    Flag("grpc-port", _port, "gRPC control API port (0: pick a free one)"),
+    Flag("side-port", _port, "zmq side-channel (handshake) port"),
+    Flag("metrics-port", _port, "Prometheus /metrics port (0: pick a free one)"),
+    Flag("backend", str, "transfer engine", choices=BACKENDS),
+    Flag("kv-layout", str, "paged KV cache layout", choices=GQA_LAYOUTS),
+    Flag("num-blocks", _positive_int, "KV cache blocks"),
+    Flag("block-size", _positive_int, "tokens per KV block"),
+    Flag("device", str, "torch device of the model and the cache"),
+    Flag("dtype", str, "model and cache dtype", choices=("float32", "float16", "bfloat16")),
+    Flag("attention-backend", str, "paged_decode backend", choices=KERNEL_BACKENDS),
+    Flag("lease-seconds", _positive_float, "how long prefill blocks stay leased to a peer"),
+    Flag("transfer-timeout", _positive_float, "seconds a KV transfer may take"),
+    Flag("request-timeout", _positive_float, "seconds a gRPC call to a peer daemon may take"),
+    Flag("drain-timeout", _positive_float, "seconds SIGTERM waits for in-flight requests"),
+    Flag("torch-threads", int, "torch intra-op threads (0: torch's default)"),
+    Flag("max-new-tokens", _positive_int, "largest max_new_tokens a request may ask"),
+    Flag("engine-name", str, "transfer-engine name (default: ROLE-HOST-PID)"),
+    Flag("ready-file", str, "write bound ports as JSON to this file when serving"),
+    Flag(
+        "pull-retries",
+        int,
+        "retries of a failed KV pull while the prefill lease lasts (decode)",
+        roles=("decode",),
+    ),
+    Flag(
+        "engine-drain-seconds",
+        _positive_float,
+        "Mooncake: seconds the blocks of a failed transfer stay quarantined (in-flight "
+        "slices may still land; Linux TCP abandons a stalled connection after ~15 min)",
+    ),
+    Flag(
+        "guard-bytes",
+        int,
+        "debug: poison bands of this many bytes around each cache allocation (Stats checks them)",
+    ),
+    Flag("num-layers", _positive_int, "model layers"),
+    Flag("hidden-size", _positive_int, "model hidden size"),
+    Flag("num-heads", _positive_int, "attention query heads"),
+    Flag("num-kv-heads", _positive_int, "attention KV heads (GQA)"),
+    Flag("head-dim", _positive_int, "attention head dim"),
+    Flag("intermediate-size", _positive_int, "SwiGLU hidden size"),
+    Flag("vocab-size", _positive_int, "vocabulary size (> 256)"),
+    Flag("seed", int, "seed of the random model weights"),
+    Flag("model-path", str, "local Hugging Face Llama checkpoint (config.json + safetensors)"),
+    Flag("tls-cert", str, "PEM server certificate"),
+    Flag("tls-key", str, "PEM private key of --tls-cert"),
+    Flag("tls-ca", str, "PEM CA bundle to verify peers"),
+    Flag("auth-token-file", str, "file holding the bearer token of the gRPC API"),
+    Flag("side-secret-file", str, "file holding the side-channel HMAC secret"),
+    Flag("insecure", _bool, "run without TLS and authentication", switch=True),
+    Flag("log-level", str, "log level", choices=("debug", "info", "warning", "error")),
+    Flag(
+        "prefill",
+        _target,
+        "prefill daemon HOST:PORT (repeatable)",
+        roles=("decode",),
+        repeat=True,
+    ),
+    Flag(
+        "prefill-policy",
+        str,
+        "how to pick a prefill daemon",
+        choices=("least-loaded", "round-robin"),
+        roles=("decode",),
+    ),
+)
+FLAG_BY_KEY = {f.key: f for f in FLAGS}
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Resolved configuration of one daemon (field names are the flag keys)."""
+
+    role: str
+    host: str = "0.0.0.0"
+    advertise_host: str | None = None
+    grpc_port: int = 50051
+    side_port: int = 5600
+    metrics_port: int = 9400
+    backend: str = DEFAULT_BACKEND
+    kv_layout: str = "nhd"
+    num_blocks: int = 512
+    block_size: int = 16
+    device: str = "cpu"
+    dtype: str = "float32"
+    attention_backend: str = "auto"
+    lease_seconds: float = 30.0
+    transfer_timeout: float = 10.0
+    request_timeout: float = 60.0
+    drain_timeout: float = 30.0
+    torch_threads: int = 1
+    max_new_tokens: int = 4096
+    engine_name: str | None = None
+    ready_file: str | None = None
+    pull_retries: int = 1
+    engine_drain_seconds: float = 930.0
+    guard_bytes: int = 0
+    num_layers: int = _MODEL.num_layers
+    hidden_size: int = _MODEL.hidden_size
+    num_heads: int = _MODEL.num_heads
+    num_kv_heads: int = _MODEL.num_kv_heads
+    head_dim: int = _MODEL.head_dim
+    intermediate_size: int = _MODEL.intermediate_size
+    vocab_size: int = _MODEL.vocab_size
+    seed: int = _MODEL.seed
+    model_path: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    auth_token_file: str | None = None
+    side_secret_file: str | None = None
+    insecure: bool = False
+    log_level: str = "info"
+    prefill: list[str] = field(default_factory=list)
+    prefill_policy: str = "least-loaded"
+
+    def model_config(self) -> ModelConfig:
+        """The model of these sizes (fields ``ModelConfig`` shares; its own defaults else)."""
+        shared = (f.name for f in fields(ModelConfig) if hasattr(self, f.name))
+        return ModelConfig(**{name: getattr(self, name) for name in shared})
+
+    @property
+    def public_host(self) -> str:
+        """Host peers dial: ``advertise_host``, else ``host`` unless it is a wildcard."""
+        if self.advertise_host:
+            return self.advertise_host
+        if self.host in ("0.0.0.0", "::", ""):
+            try:
+                return socket.gethostbyname(socket.gethostname())
+            except OSError:
+                return "127.0.0.1"
+        return self.host
+
+    @property
+    def name(self) -> str:
+        return self.engine_name or f"{self.role}-{socket.gethostname()}-{os.getpid()}"
+
+
+def add_daemon_arguments(parser: argparse.ArgumentParser, role: str) -> None:
+    """Add ``--config`` and every daemon flag of ``role`` to ``parser``."""
+    parser.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help=f"YAML or JSON file of flag values (keys with '_'); env {ENV_PREFIX}CONFIG",
+    )
+    defaults = asdict(DaemonConfig(role=role))
+    for flag in FLAGS:
+        if role not in flag.roles:
+            continue
+        kw: dict[str, Any] = {
+            "dest": flag.key,
+            "default": argparse.SUPPRESS,
+            "help": f"{flag.help} (env {flag.env}; default {defaults[flag.key]!r})",
+        }
+        if flag.switch:
+            parser.add_argument(f"--{flag.name}", action="store_true", **kw)
+            continue
+        kw["type"] = flag.type
+        if flag.choices:
+            kw["choices"] = flag.choices
+        if flag.repeat:
+            kw["action"] = "append"
+        parser.add_argument(f"--{flag.name}", **kw)
+
+
+def _convert(flag: Flag, value: Any, source: str) -> Any:
+    try:
+        if flag.repeat:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            out = [flag.type(str(v).strip()) for v in items if str(v).strip()]
+        elif flag.switch:
+            out = _bool(value)
+        elif value is None:
+            out = None
+        else:
+            out = flag.type(value if isinstance(value, str) else str(value))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: invalid value {value!r} for --{flag.name}: {exc}") from None
+    if flag.choices and out not in flag.choices:
+        raise ConfigError(
+            f"{source}: --{flag.name} must be one of {', '.join(flag.choices)}, got {out!r}"
+        )
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON mapping of flag keys (``-`` or ``_``) to values."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc}") from None
+    try:
+        if p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml  # PyYAML
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # parser errors differ per format
+        raise ConfigError(f"config file {p} is not valid {p.suffix or 'YAML'}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of flag names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve_config(
+    role: str,
+    args: argparse.Namespace | Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+) -> DaemonConfig:
+    """Merge flags > environment > config file > defaults for ``role``."""
+    if role not in ROLES:
+        raise ConfigError(f"unknown daemon role {role!r}")
+    env = os.environ if environ is None else environ
+    given = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
+    values: dict[str, Any] = {}
+    config_path = given.pop("config", None) or env.get(ENV_PREFIX + "CONFIG")
+    if config_path:
+        for key, value in load_config_file(config_path).items():
+            flag = FLAG_BY_KEY.get(key)
+            if flag is None or role not in flag.roles:
+                raise ConfigError(f"config file {config_path}: unknown key {key!r} for {role}")
+            values[key] = _convert(flag, value, f"config file {config_path}")
+    for flag in FLAGS:
+        if role in flag.roles and flag.env in env:
+            values[flag.key] = _convert(flag, env[flag.env], f"environment {flag.env}")
+    for key, value in given.items():
+        flag = FLAG_BY_KEY.get(key)
+        if flag is not None and role in flag.roles:
+            values[key] = value
+    known = {f.name for f in fields(DaemonConfig)}
+    cfg = DaemonConfig(role=role, **{k: v for k, v in values.items() if k in known})
+    if cfg.vocab_size <= 256 and not cfg.model_path:
+        raise ConfigError(f"--vocab-size must exceed 256 (byte tokenizer), got {cfg.vocab_size}")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("--tls-cert and --tls-key must be given together")
+    if not 0 <= cfg.pull_retries <= 10:
+        raise ConfigError(f"--pull-retries must lie in [0, 10], got {cfg.pull_retries}")
+    if not 0 <= cfg.guard_bytes <= 1 << 30:
+        raise ConfigError(f"--guard-bytes must lie in [0, 2**30], got {cfg.guard_bytes}")
+    return cfg

@@ -1,0 +1,178 @@
+"""Prefill daemon servicer: compute a prompt's KV, lease the blocks to the puller."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+from kvbridge.connector.serving.daemon.allocator import OutOfBlocksError
+from kvbridge.connector.serving.daemon.checksum import kv_checksum
+from kvbridge.connector.serving.daemon.common import (
+    MAX_REQUEST_ID,
+    check_request_id,
+    check_tokens,
+    stats_response,
+)
+from kvbridge.connector.serving.daemon.leases import Lease, LeaseTable
+from kvbridge.connector.serving.daemon.runtime import DaemonRuntime
+from kvbridge.connector.serving.daemon.states import RequestState
+from kvbridge.connector.serving.model import blocks_needed
+from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
+from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
+
+BLOCK_WAIT_SECONDS = 1.0
+MAX_LEASE_SECONDS = 3600.0  # how long a Prefill waits for leased blocks to come back
+
+
+class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
+    """Serves Prefill, Release and Stats; Generate belongs to decode daemons."""
+
+    def __init__(self, rt: DaemonRuntime, side_address: str) -> None:
+        self.rt = rt
+        self.side_address = side_address
+        self.leases = LeaseTable(rt.allocator, on_end=self._lease_ended)
+        rt.metrics.blocks_leased.set_function(lambda: self.leases.leased_blocks)
+
+    # ------------------------------------------------------------------ leases
+    def _lease_ended(self, lease: Lease) -> None:
+        rt = self.rt
+        rec = rt.registry.get(lease.request_id)
+        if lease.end_reason == "expired":
+            rt.count_event("lease_expiries")
+            rt.log.warning(
+                "lease expired",
+                extra={
+                    "request_id": lease.request_id,
+                    "owner": lease.owner,
+                    "blocks": len(lease.block_ids),
+                },
+            )
+            if rec is not None:
+                rt.finish(rec, RequestState.FAILED, "lease expired before the peer released it")
+        else:
+            rt.count_event("leases_released")
+            rt.log.info(
+                "lease ended",
+                extra={"request_id": lease.request_id, "reason": lease.end_reason},
+            )
+            if rec is not None:
+                rt.finish(rec, RequestState.DONE)
+
+    def on_peer_notification(self, request_id: str, sender: str = "") -> None:
+        """The peer ``sender`` finished pulling ``request_id`` (transport notification).
+
+        Only the lease's owner may end it this way: a notice from another engine is
+        logged and ignored (the lease still ends on Release or expiry).
+        """
+        lease = self.leases.get(request_id)
+        if lease is None:
+            return
+        if lease.owner and sender != lease.owner:
+            self.rt.log.warning(
+                "ignored a completion notice from an engine that does not hold the lease",
+                extra={"request_id": request_id, "sender": sender, "owner": lease.owner},
+            )
+            return
+        self.leases.end(request_id, "notified")
+
+    # -------------------------------------------------------------------- RPCs
+    def Prefill(
+        self, request: pb.PrefillRequest, context: grpc.ServicerContext
+    ) -> pb.PrefillResponse:
+        rt, cfg = self.rt, self.rt.cfg
+        request_id = request.request_id or uuid.uuid4().hex
+        check_request_id(request_id, context, 2 * MAX_REQUEST_ID)  # decode prefixes its name
+        check_request_id(request.requester, context, MAX_REQUEST_ID, "requester")
+        if len(request.prompt_token_ids) > cfg.num_blocks * cfg.block_size:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt of {len(request.prompt_token_ids)} tokens needs more blocks than "
+                f"the cache's {cfg.num_blocks}",
+            )
+        tokens = list(request.prompt_token_ids)
+        check_tokens(tokens, rt.model.cfg.vocab_size, context)
+        if not 0 <= request.lease_seconds <= MAX_LEASE_SECONDS:  # also refuses NaN
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"lease_seconds must lie in [0, {MAX_LEASE_SECONDS}], got {request.lease_seconds}",
+            )
+        n = blocks_needed(len(tokens), cfg.block_size)  # <= num_blocks: checked above
+        try:
+            rec = rt.registry.add(request_id, len(tokens), peer=request.requester)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        try:
+            blocks = rt.allocator.allocate(n, timeout=BLOCK_WAIT_SECONDS)
+        except OutOfBlocksError as exc:
+            rt.finish(rec, RequestState.FAILED, str(exc))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill cache full: {exc}")
+        rec.num_blocks = n
+        try:
+            t0 = time.perf_counter()
+            with rt.compute_lock:
+                logits = rt.model.prefill(tokens, rt.cache, blocks)
+            first = int(logits.argmax())
+            seconds = time.perf_counter() - t0
+            checksum = kv_checksum(rt.cache, blocks, len(tokens)) if request.kv_checksum else ""
+        except Exception as exc:
+            rt.allocator.free(blocks)
+            rt.finish(rec, RequestState.FAILED, f"prefill failed: {exc}")
+            rt.log.exception("prefill failed", extra={"request_id": request_id})
+            context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {exc}")
+        # TRANSFERRING before the lease exists: a lease ending at once (tiny ttl) then
+        # finds the request in a state it can leave
+        rt.registry.transition(request_id, RequestState.TRANSFERRING)
+        ttl = request.lease_seconds or cfg.lease_seconds
+        lease = self.leases.grant(request_id, blocks, request.requester, ttl)
+        rt.log.info(
+            "prefill done",
+            extra={
+                "request_id": request_id,
+                "tokens": len(tokens),
+                "blocks": n,
+                "seconds": round(seconds, 6),
+            },
+        )
+        return pb.PrefillResponse(
+            handle=pb.KVHandle(
+                request_id=request_id,
+                engine_name=rt.name,
+                side_channel_address=self.side_address,
+                block_ids=blocks,
+                num_tokens=len(tokens),
+                block_size=cfg.block_size,
+                lease_expiry_unix_ms=int(lease.expires_unix * 1000),
+                lease_seconds_left=lease.seconds_left(),
+                first_token_id=first,
+                backend=cfg.backend,
+                kv_layout=cfg.kv_layout,
+                compat_hash=rt.compat_hash,
+                prefill_seconds=seconds,
+                kv_checksum=checksum,
+            )
+        )
+
+    def Release(
+        self, request: pb.ReleaseRequest, context: grpc.ServicerContext
+    ) -> pb.ReleaseResponse:
+        lease = self.leases.end(request.request_id, f"released: {request.reason or 'by peer'}")
+        if lease is None:
+            return pb.ReleaseResponse(released=False)
+        return pb.ReleaseResponse(released=True, freed_blocks=len(lease.block_ids))
+
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
+        return stats_response(
+            self.rt, pb.ROLE_PREFILL, request.include_finished, self.leases.leased_blocks
+        )
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
+        context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "Generate is served by decode daemons, this is a prefill daemon",
+        )
+
+    # ------------------------------------------------------------------- drain
+    def drain(self, timeout: float) -> bool:
+        """Wait for every lease to be released or to expire (bounded by ``timeout``)."""
+        return self.leases.wait_empty(timeout)

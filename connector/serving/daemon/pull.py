@@ -1,0 +1,256 @@
+"""The decode side's KV pulls: handshake once per prefill engine, post, poll, give up safely.
+
+A pull posts one read and polls it; the caller's ``aborted()`` and the deadline end
+the wait. An engine transfer is never cancelled mid-flight: releasing an in-flight
+NIXL handle can crash UCX, and Mooncake has no cancel at all. A pull given up on is
+*abandoned* instead: a background thread keeps polling it until the engine
+finishes or fails it, then lets the agent clean up (staging buffer, failure notice).
+``PullError.quiet()`` turns true only then (and, for Mooncake, after the engine's
+drain time following a failed call), so the caller quarantines the destination
+blocks until no engine can write them any more.
+
+Peers are dropped (to re-handshake with a restarted engine) only once no transfer
+with them is in flight: removing a NIXL remote agent under a live handle deletes
+the handle behind Python's back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvbridge.connector.transfer.agent import KVTransferAgent, PendingRequest
+from kvbridge.connector.transfer.errors import (
+    DescriptorError,
+    IncompatiblePeerError,
+    PeerUnreachableError,
+    TransferError,
+)
+
+POLL_MAX_SECONDS = 0.002
+ABANDONED_POLL_SECONDS = 0.01
+
+
+class PullError(Exception):
+    """A pull failed. ``quiet()`` says whether the engine is done with the blocks.
+
+    ``aborted``: cancelled by the caller; ``timed_out``: ran out of time;
+    ``retryable``: an engine or peer failure worth one more try (not bad input).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        quiet: Callable[[], bool] | None = None,
+        aborted: bool = False,
+        timed_out: bool = False,
+        retryable: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.quiet = quiet or (lambda: True)
+        self.aborted, self.timed_out, self.retryable = aborted, timed_out, retryable
+
+
+@dataclass(frozen=True)
+class PullResult:
+    bytes: int
+    descriptors: int
+    seconds: float
+    handshake_seconds: float = 0.0
+    staged: bool = False
+
+
+@dataclass(eq=False)
+class _Abandoned:
+    pending: PendingRequest
+    engine: str
+    settled: threading.Event
+
+
+class Puller:
+    """Pulls KV blocks from prefill engines through ``agent``."""
+
+    def __init__(self, agent: KVTransferAgent, log) -> None:
+        self.agent = agent
+        self.log = log
+        self._connect_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._inflight: dict[str, int] = {}  # engine -> transfers posted and not settled
+        self._stale: set[str] = set()  # engines to drop once nothing is in flight
+        self._abandoned: list[_Abandoned] = []
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # ----------------------------------------------------------------- peers
+    def _peer(self, engine: str, side_address: str, timeout: float) -> tuple[object, float]:
+        """The connected peer, handshaking first if needed; bounded by ``timeout`` even
+        while another request's handshake holds the lock."""
+        peer = self.agent.peers.get(engine)
+        if peer is not None:
+            return peer, 0.0
+        t0 = time.perf_counter()
+        if not self._connect_lock.acquire(timeout=max(timeout, 0.0)):
+            raise PeerUnreachableError(
+                f"handshake with {engine} at {side_address}: another handshake did not "
+                f"finish within {timeout:.3g} s"
+            )
+        try:
+            peer = self.agent.peers.get(engine)  # the other handshake may have made it
+            if peer is not None:
+                return peer, time.perf_counter() - t0
+            left = max(timeout - (time.perf_counter() - t0), 1e-3)
+            peer = self.agent.connect_to(side_address, timeout=left)
+            if peer.name != engine:
+                self._drop(peer.name)
+                raise RuntimeError(
+                    f"side channel {side_address} belongs to engine {peer.name!r}, "
+                    f"the handle names {engine!r}"
+                )
+            seconds = time.perf_counter() - t0
+        finally:
+            self._connect_lock.release()
+        self.log.info(
+            "handshake done",
+            extra={"peer": engine, "address": side_address, "seconds": round(seconds, 6)},
+        )
+        return peer, seconds
+
+    def _drop(self, engine: str) -> None:
+        """Forget ``engine`` (re-handshake next time), once nothing is in flight with it."""
+        with self._lock:
+            if self._inflight.get(engine):
+                self._stale.add(engine)
+                return
+            self._stale.discard(engine)
+        self.agent.disconnect(engine)
+
+    def _begin(self, engine: str) -> None:
+        with self._lock:
+            self._inflight[engine] = self._inflight.get(engine, 0) + 1
+
+    def _end(self, engine: str) -> None:
+        with self._lock:
+            left = self._inflight.get(engine, 1) - 1
+            if left > 0:
+                self._inflight[engine] = left
+                return
+            self._inflight.pop(engine, None)
+            stale = engine in self._stale
+            self._stale.discard(engine)
+        if stale:
+            self.agent.disconnect(engine)
+
+    # ----------------------------------------------------------------- pulls
+    def pull(
+        self,
+        handle,
+        local_block_ids: list[int],
+        timeout: float,
+        aborted: Callable[[], bool] | None = None,
+    ) -> PullResult:
+        """Read the handle's blocks into ``local_block_ids`` within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        agent, engine = self.agent, handle.engine_name
+        try:
+            peer, handshake = self._peer(engine, handle.side_channel_address, timeout)
+            pending = agent.post_read(
+                peer, list(handle.block_ids), local_block_ids,
+                request_id=handle.request_id, notify=True,
+            )  # fmt: skip
+        except (IncompatiblePeerError, DescriptorError) as exc:  # refused: nothing was posted
+            raise PullError(f"{type(exc).__name__}: {exc}") from None
+        except (TransferError, OSError) as exc:  # nothing was posted
+            self._drop(engine)
+            raise PullError(f"{type(exc).__name__}: {exc}", retryable=True) from None
+        except Exception as exc:  # bad block ids, mismatched layouts: nothing was posted
+            raise PullError(f"{type(exc).__name__}: {exc}") from None
+        self._begin(engine)
+        t0, cancel = time.monotonic(), ""
+        try:
+            cancel = self._wait(pending, deadline, aborted)
+            if not cancel:
+                r = agent.finish(pending, timeout=1.0)  # done: relayout, staging buffer back
+                self._end(engine)
+                return PullResult(r.bytes, r.descriptors, r.seconds, handshake, r.staged)
+        except TransferError as exc:  # the engine failed it (its handle is released)
+            self._settle(pending)
+            self._end(engine)
+            self._drop(engine)
+            xfer = pending.xfer
+            raise PullError(
+                f"{type(exc).__name__}: {exc}",
+                quiet=lambda: agent.transport.quiesced(xfer),
+                retryable=True,
+            ) from None
+        settled = self._abandon(pending, engine)
+        xfer = pending.xfer
+        raise PullError(
+            f"KV read {cancel} after {time.monotonic() - t0:.3g} s; the engine finishes it "
+            "in the background",
+            quiet=lambda: settled.is_set() and agent.transport.quiesced(xfer),
+            aborted=cancel == "aborted",
+            timed_out=cancel == "timed out",
+        )
+
+    def _wait(self, pending: PendingRequest, deadline: float, aborted) -> str:
+        """Poll until done (""), or "aborted" / "timed out"; raises if the engine failed it."""
+        pause = 50e-6
+        while not self.agent.transport.check(pending.xfer):
+            if aborted is not None and aborted():
+                return "aborted"
+            if time.monotonic() >= deadline:
+                return "timed out"
+            time.sleep(pause)
+            pause = min(pause * 2, POLL_MAX_SECONDS)
+        return ""
+
+    def _settle(self, pending: PendingRequest) -> None:
+        """Let the agent finish a transfer the engine completed or failed (cleanup only)."""
+        try:
+            self.agent.finish(pending, timeout=0.0)
+        except TransferError:
+            pass  # a failure: the peer is told, the staging buffer handled
+        except Exception:
+            self.log.exception("finishing an abandoned transfer failed")
+
+    # ---------------------------------------------------- abandoned transfers
+    def _abandon(self, pending: PendingRequest, engine: str) -> threading.Event:
+        item = _Abandoned(pending, engine, threading.Event())
+        with self._lock:
+            self._abandoned.append(item)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._reap, name="kvbridge-abandoned", daemon=True
+                )
+                self._thread.start()
+        return item.settled
+
+    def _reap(self) -> None:
+        while not self._stop.wait(ABANDONED_POLL_SECONDS):
+            with self._lock:
+                items = list(self._abandoned)
+            for item in items:
+                try:
+                    finished = self.agent.transport.check(item.pending.xfer)
+                except TransferError:
+                    finished = True  # failed: the handle is released
+                except Exception:
+                    self.log.exception("polling an abandoned transfer failed")
+                    continue
+                if not finished:
+                    continue
+                self._settle(item.pending)
+                with self._lock:
+                    self._abandoned.remove(item)
+                item.settled.set()
+                self._end(item.engine)
+            with self._lock:
+                if not self._abandoned:
+                    self._thread = None
+                    return
+
+    def close(self) -> None:
+        self._stop.set()

@@ -1,0 +1,204 @@
+"""Llama-style decoder (RMSNorm, RoPE, GQA attention, SwiGLU) over a paged KV cache.
+
+The K/V of layer ``i`` live in ``cache.kv(f"layer{i}")``: two logical
+``(num_blocks, block_size, num_kv_heads, head_dim)`` views of any layout in
+``kvbridge.topology.layouts``. Prefill writes them in place through the views
+(never a copy of the cache); decode appends one token and attends with
+``kvbridge.kernels.paged_decode`` over the views as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from kvbridge.connector.serving.model.config import ModelConfig
+from kvbridge.connector.serving.model.weights import ModelWeights, random_weights
+from kvbridge.topology.layouts import KVCache
+
+
+def layer_name(i: int) -> str:
+    """Name of layer ``i`` in a ``KVCache`` (the allocator's convention)."""
+    return f"layer{i}"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    var = x.pow(2).mean(-1, keepdim=True)
+    return x * torch.rsqrt(var + eps) * weight
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (rotate-half convention of Hugging Face Llama).
+
+    ``x`` is ``(T, heads, head_dim)``, ``positions`` ``(T,)`` int64.
+    """
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d))
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos()[:, None, :].to(x.dtype), emb.sin()[:, None, :].to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+class LlamaModel:
+    """Greedy-decoding Llama-style model; stateless apart from the caller's paged cache."""
+
+    def __init__(
+        self, cfg: ModelConfig, weights: ModelWeights, attention_backend: str = "auto"
+    ) -> None:
+        self.cfg = cfg
+        self.w = weights
+        self.attention_backend = attention_backend
+        self.dtype = weights.embed.dtype
+        self.device = weights.embed.device
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+
+    @classmethod
+    def random(
+        cls,
+        cfg: ModelConfig,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        attention_backend: str = "auto",
+    ) -> LlamaModel:
+        return cls(cfg, random_weights(cfg, dtype, device), attention_backend)
+
+    # ------------------------------------------------------------------ checks
+    def check_cache(self, cache: KVCache) -> None:
+        """Raise ``ValueError`` unless ``cache`` holds this model's K/V geometry."""
+        cfg = self.cfg
+        for i in range(cfg.num_layers):
+            name = layer_name(i)
+            if name not in cache.layers:
+                raise ValueError(f"KV cache has no layer {name!r} (model has {cfg.num_layers})")
+            for kind, view in zip("kv", cache.kv(name), strict=True):
+                want = (cfg.num_kv_heads, cfg.head_dim)
+                if view.dim() != 4 or tuple(view.shape[2:]) != want:
+                    raise ValueError(
+                        f"KV cache {name} {kind} view has shape {tuple(view.shape)}, "
+                        f"expected (blocks, tokens, {want[0]}, {want[1]})"
+                    )
+                if view.dtype != self.dtype:
+                    raise ValueError(
+                        f"KV cache {name} dtype {view.dtype} differs from the model's {self.dtype}"
+                    )
+
+    def _check_tokens(self, token_ids: torch.Tensor) -> None:
+        if token_ids.numel() and (
+            int(token_ids.min()) < 0 or int(token_ids.max()) >= self.cfg.vocab_size
+        ):
+            raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size})")
+
+    # ----------------------------------------------------------------- helpers
+    def _qkv(
+        self, x: torch.Tensor, i: int, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg, lw = self.cfg, self.w.layers[i]
+        h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)
+        t = x.shape[0]
+        q = (h @ lw.wq.T).view(t, cfg.num_heads, cfg.head_dim)
+        k = (h @ lw.wk.T).view(t, cfg.num_kv_heads, cfg.head_dim)
+        v = (h @ lw.wv.T).view(t, cfg.num_kv_heads, cfg.head_dim)
+        return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
+
+    def _mlp_residual(self, x: torch.Tensor, attn: torch.Tensor, i: int) -> torch.Tensor:
+        cfg, lw = self.cfg, self.w.layers[i]
+        x = x + attn.reshape(x.shape[0], -1) @ lw.wo.T
+        h = rms_norm(x, lw.post_norm, cfg.rms_norm_eps)
+        return x + (torch.nn.functional.silu(h @ lw.w_gate.T) * (h @ lw.w_up.T)) @ lw.w_down.T
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.w.norm, self.cfg.rms_norm_eps) @ self.w.lm_head.T
+
+    # ----------------------------------------------------------------- prefill
+    @torch.inference_mode()
+    def prefill(
+        self, token_ids: Sequence[int], cache: KVCache, block_ids: Sequence[int]
+    ) -> torch.Tensor:
+        """Run the prompt, write its K/V into ``block_ids`` of ``cache``; logits of the last token.
+
+        Token ``t`` goes to slot ``t % block_size`` of block ``block_ids[t // block_size]``.
+        """
+        cfg = self.cfg
+        tokens = torch.as_tensor(list(token_ids), dtype=torch.int64, device=self.device)
+        if tokens.dim() != 1 or tokens.numel() == 0:
+            raise ValueError("prefill needs at least one prompt token")
+        self._check_tokens(tokens)
+        t, bs = tokens.numel(), cache.block_size
+        blocks = torch.as_tensor(list(block_ids), dtype=torch.int64, device=self.device)
+        if blocks.numel() < -(-t // bs):
+            raise ValueError(f"{t} tokens need {-(-t // bs)} blocks of {bs}, got {blocks.numel()}")
+        if blocks.numel() and (int(blocks.min()) < 0 or int(blocks.max()) >= cache.num_blocks):
+            raise ValueError(f"block ids must lie in [0, {cache.num_blocks})")
+        positions = torch.arange(t, dtype=torch.int64, device=self.device)
+        blk, slot = blocks[positions // bs], positions % bs
+        group = cfg.num_heads // cfg.num_kv_heads
+        causal = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
+        x = self.w.embed[tokens]
+        for i in range(cfg.num_layers):
+            q, k, v = self._qkv(x, i, positions)
+            k_cache, v_cache = cache.kv(layer_name(i))
+            k_cache[blk, slot] = k  # index_put_ through the strided view: in place
+            v_cache[blk, slot] = v
+            kh = k.repeat_interleave(group, dim=1).transpose(0, 1)  # (Hq, T, D)
+            vh = v.repeat_interleave(group, dim=1).transpose(0, 1)
+            scores = (q.transpose(0, 1) @ kh.transpose(1, 2)) * self.scale
+            scores = scores.masked_fill(~causal, float("-inf"))
+            attn = torch.softmax(scores, dim=-1) @ vh  # (Hq, T, D)
+            x = self._mlp_residual(x, attn.transpose(0, 1), i)
+        return self._logits(x[-1:])[0]
+
+    # ------------------------------------------------------------------ decode
+    @torch.inference_mode()
+    def decode_step(
+        self,
+        token_ids: Sequence[int] | torch.Tensor,
+        positions: Sequence[int] | torch.Tensor,
+        cache: KVCache,
+        block_table: torch.Tensor,
+    ) -> torch.Tensor:
+        """One decode step for a batch: append each token's K/V, attend, return logits (B, V).
+
+        ``positions[b]`` is the position of ``token_ids[b]`` (the tokens before it are
+        in the cache); ``block_table[b]`` lists that sequence's blocks (int32 or int64).
+        """
+        from kvbridge.kernels import paged_decode
+
+        cfg = self.cfg
+        tokens = torch.as_tensor(token_ids, dtype=torch.int64, device=self.device).reshape(-1)
+        pos = torch.as_tensor(positions, dtype=torch.int64, device=self.device).reshape(-1)
+        if tokens.numel() != pos.numel() or block_table.dim() != 2:
+            raise ValueError("decode_step needs one position per token and a 2-D block table")
+        if block_table.shape[0] != tokens.numel():
+            raise ValueError("block_table needs one row per token")
+        self._check_tokens(tokens)
+        bs = cache.block_size
+        if int(pos.max()) >= block_table.shape[1] * bs or int(pos.min()) < 0:
+            raise ValueError("a position lies outside its block table")
+        rows = torch.arange(tokens.numel(), device=self.device)
+        table = block_table.to(self.device)
+        blk = table[rows, pos // bs].to(torch.int64)
+        if int(blk.min()) < 0 or int(blk.max()) >= cache.num_blocks:
+            raise ValueError(f"block ids must lie in [0, {cache.num_blocks})")
+        slot = pos % bs
+        seq_lens = (pos + 1).to(torch.int32)
+        x = self.w.embed[tokens]
+        for i in range(cfg.num_layers):
+            q, k, v = self._qkv(x, i, pos)
+            k_cache, v_cache = cache.kv(layer_name(i))
+            k_cache[blk, slot] = k
+            v_cache[blk, slot] = v
+            attn = paged_decode(
+                q,
+                k_cache,
+                v_cache,
+                table,
+                seq_lens,
+                scale=self.scale,
+                backend=self.attention_backend,
+            )
+            x = self._mlp_residual(x, attn, i)
+        return self._logits(x)

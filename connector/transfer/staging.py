@@ -1,0 +1,255 @@
+"""Staged reads for fragmented plans: whole source blocks, then a local relayout.
+
+When a plan's byte runs do not line up (a head slice of an NHD cache is one small
+run per token), reading them directly costs one descriptor per run. Instead the
+agent reads the selected source blocks whole (their coalesced ``block_ranges``,
+a few large descriptors) into a registered staging buffer, where they keep the
+source's geometry, and copies the wanted tokens and heads into the local cache
+with torch strided copies (``index_copy_`` / indexed assignment on views of the
+cache; the cache is never copied or made contiguous).
+
+Everything here works on byte views (each view with a trailing ``itemsize`` dim),
+so any dtype moves bit-exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from kvbridge.connector.transfer.tp_mapping import HeadMap
+from kvbridge.connector.transfer.transport import MemRegion, Transport
+from kvbridge.topology import TopologySpec, TransferTopology
+
+ALIGN = 64
+
+
+class StagingUnsupported(Exception):
+    """The source geometry cannot be staged (the agent then reads the plan directly)."""
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Remote ranges of the selected source blocks and where each lands in staging."""
+
+    src_ids: np.ndarray  # sorted unique source block ids
+    src_region: np.ndarray
+    src_offset: np.ndarray
+    nbytes: np.ndarray
+    stage_offset: np.ndarray
+    total_bytes: int  # staging bytes needed (with alignment gaps)
+
+    @property
+    def wire_bytes(self) -> int:
+        return int(self.nbytes.sum())
+
+
+def plan_stage(src: TransferTopology, src_ids: np.ndarray) -> StagePlan:
+    """Coalesced ranges of ``src_ids`` (all layers), packed one after another."""
+    ids = np.unique(np.asarray(src_ids, dtype=np.int64))
+    ranges = src.block_ranges(ids)
+    order = np.lexsort((ranges.offset, ranges.region))
+    region, offset, nbytes = ranges.region[order], ranges.offset[order], ranges.nbytes[order]
+    padded = -(-nbytes // ALIGN) * ALIGN
+    stage = np.concatenate(([0], np.cumsum(padded)[:-1])).astype(np.int64)
+    return StagePlan(ids, region, offset, nbytes, stage, int(padded.sum()))
+
+
+def byte_view(v: torch.Tensor) -> torch.Tensor:
+    """``v`` (any dtype, any strides) as uint8 with a trailing itemsize dim; no copy."""
+    size = v.element_size()
+    raw = torch.empty(0, dtype=torch.uint8, device=v.device).set_(v.untyped_storage())
+    return raw.as_strided(
+        (*v.shape, size), (*(s * size for s in v.stride()), 1), v.storage_offset() * size
+    )
+
+
+def _staged_runs(stage: StagePlan, view, staging: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """Per run of source blocks: ``(first index into stage.src_ids, byte view in staging)``."""
+    bs = view.block_stride
+    inner = sum((n - 1) * s for n, s in zip(view.shape[1:], view.strides[1:], strict=True))
+    ext = (inner + 1) * view.itemsize
+    sel = stage.src_region == view.region
+    r_off, r_len, r_stage = stage.src_offset[sel], stage.nbytes[sel], stage.stage_offset[sel]
+    start = view.offset + stage.src_ids * bs
+    idx = np.searchsorted(r_off, start, side="right") - 1
+    if (idx < 0).any() or (start + ext > r_off[idx] + r_len[idx]).any():
+        raise StagingUnsupported("a block of a view spans several staged ranges")
+    pos = r_stage[idx] + (start - r_off[idx])
+    breaks = np.flatnonzero(np.diff(pos) != bs) + 1
+    bounds = [0, *breaks.tolist(), pos.size]
+    shape_tail = (*view.shape[1:], view.itemsize)
+    strides_tail = (*(s * view.itemsize for s in view.strides[1:]), 1)
+    out = []
+    for a, b in itertools.pairwise(bounds):
+        t = staging.as_strided(
+            (b - a, *shape_tail), (bs, *strides_tail), staging.storage_offset() + int(pos[a])
+        )
+        out.append((a, t))
+    return out
+
+
+def relayout(
+    stage: StagePlan,
+    staging: torch.Tensor,
+    src: TopologySpec,
+    dst_layers: Sequence[tuple[str, Sequence[torch.Tensor]]],
+    src_ids: np.ndarray,
+    dst_ids: np.ndarray,
+    num_tokens: int | None,
+    heads: HeadMap,
+) -> None:
+    """Copy the staged source blocks into the local views (block dim first)."""
+    src_ids = np.asarray(src_ids, dtype=np.int64)
+    dst_ids = np.asarray(dst_ids, dtype=np.int64)
+    where = np.searchsorted(stage.src_ids, src_ids)  # index of each source id in staging
+    for layer, (name, dviews) in zip(src.layers, dst_layers, strict=True):
+        if layer.name != name:
+            raise StagingUnsupported(f"layer order differs ({layer.name!r} vs {name!r})")
+        for vspec, dv in zip(layer.views, dviews, strict=True):
+            runs = _staged_runs(stage, vspec, staging)
+            dbv = byte_view(dv)
+            hs = hd = slice(None)
+            if len(vspec.shape) == 4:
+                n = heads.num or min(
+                    vspec.shape[2] - heads.src_start, dv.shape[2] - heads.dst_start
+                )
+                hs = slice(heads.src_start, heads.src_start + n)
+                hd = slice(heads.dst_start, heads.dst_start + n)
+            if num_tokens is None:
+                _copy_blocks(runs, where, dst_ids, dbv, hs, hd, len(vspec.shape) == 4)
+            else:
+                _copy_tokens(runs, where, dst_ids, dbv, hs, hd, vspec.shape[1], num_tokens)
+
+
+def _run_of(runs, positions: np.ndarray) -> np.ndarray:
+    starts = np.array([a for a, _ in runs], dtype=np.int64)
+    return np.searchsorted(starts, positions, side="right") - 1
+
+
+def _copy_blocks(runs, where, dst_ids, dbv, hs, hd, has_heads: bool) -> None:
+    run = _run_of(runs, where)
+    dev = dbv.device
+    target = dbv[:, :, hd] if has_heads else dbv
+    for k, (a, t) in enumerate(runs):
+        sel = np.flatnonzero(run == k)
+        if sel.size == 0:
+            continue
+        src = t[torch.as_tensor(where[sel] - a, device=dev)]
+        if has_heads:
+            src = src[:, :, hs]
+        target.index_copy_(0, torch.as_tensor(dst_ids[sel], device=dev), src)
+
+
+def _copy_tokens(runs, where, dst_ids, dbv, hs, hd, src_bs: int, num_tokens: int) -> None:
+    dev = dbv.device
+    t = np.arange(num_tokens, dtype=np.int64)
+    s_pos, s_slot = where[t // src_bs], t % src_bs
+    d_bs = dbv.shape[1]
+    d_blk, d_slot = dst_ids[t // d_bs], t % d_bs
+    run = _run_of(runs, s_pos)
+    for k, (a, view) in enumerate(runs):
+        sel = np.flatnonzero(run == k)
+        if sel.size == 0:
+            continue
+        blk = torch.as_tensor(s_pos[sel] - a, device=dev)
+        slot = torch.as_tensor(s_slot[sel], device=dev)
+        src = view[blk, slot]  # (tokens, heads, dim, itemsize) or (tokens, dim, itemsize)
+        db, ds = torch.as_tensor(d_blk[sel], device=dev), torch.as_tensor(d_slot[sel], device=dev)
+        if src.dim() == 4:
+            dbv[db, ds, hd] = src[:, hs]
+        else:
+            dbv[db, ds] = src
+
+
+class StagingBuffer:
+    """A registered staging buffer, grown on demand; one request uses it at a time."""
+
+    def __init__(self, transport: Transport, device: str):
+        self.transport = transport
+        self.device = device
+        self.tensor: torch.Tensor | None = None
+        self.region: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.tensor is None else self.tensor.numel()
+
+    def ensure(self, nbytes: int, limit: int) -> tuple[torch.Tensor, int]:
+        """A registered buffer of at least ``nbytes`` (at most ``limit`` bytes)."""
+        if self.tensor is None or self.tensor.numel() < nbytes:
+            size = min(limit, max(nbytes, 1 << 20, 2 * self.nbytes))
+            self.release()
+            tensor = torch.empty(size, dtype=torch.uint8, device=self.device)
+            self.region = self.transport.register_region(
+                MemRegion(tensor.data_ptr(), size, str(tensor.device))
+            )
+            self.tensor = tensor
+        return self.tensor, self.region
+
+    def release(self) -> None:
+        if self.region is not None:
+            self.transport.deregister_region(self.region)
+        self.tensor, self.region = None, None
+
+
+class StagingPool:
+    """Staging buffers for concurrent staged reads, ``max_bytes`` in all.
+
+    ``acquire`` waits (bounded) for a free buffer; a staged read holds its buffer
+    from post to relayout.
+    """
+
+    def __init__(self, transport: Transport, device: str, max_bytes: int, max_buffers: int = 4):
+        self.transport, self.device = transport, device
+        self.max_bytes, self.max_buffers = max_bytes, max_buffers
+        self._cond = threading.Condition()
+        self._free: list[StagingBuffer] = []
+        self._busy: set[StagingBuffer] = set()
+
+    def acquire(self, nbytes: int, timeout: float) -> tuple[StagingBuffer, torch.Tensor, int]:
+        if nbytes > self.max_bytes:
+            raise StagingUnsupported(f"needs {nbytes} staging bytes, limit {self.max_bytes}")
+        with self._cond:
+            if not self._cond.wait_for(
+                lambda: self._free or len(self._busy) < self.max_buffers, timeout
+            ):
+                raise TimeoutError(f"no staging buffer free within {timeout:.3g} s")
+            fits = [b for b in self._free if b.nbytes >= nbytes]
+            buf = (fits or self._free or [None])[0]
+            if buf is None:
+                buf = StagingBuffer(self.transport, self.device)
+            else:
+                self._free.remove(buf)
+            self._busy.add(buf)
+        try:
+            others = sum(b.nbytes for b in self._free) + sum(
+                b.nbytes for b in self._busy if b is not buf
+            )
+            limit = self.max_bytes - others
+            if nbytes > limit:
+                raise StagingUnsupported(
+                    f"needs {nbytes} staging bytes, {limit} left of {self.max_bytes}"
+                )
+            tensor, region = buf.ensure(nbytes, limit)
+        except BaseException:
+            self.give_back(buf)
+            raise
+        return buf, tensor, region
+
+    def give_back(self, buf: StagingBuffer) -> None:
+        with self._cond:
+            self._busy.discard(buf)
+            self._free.append(buf)
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            for buf in [*self._free, *self._busy]:
+                buf.release()
+            self._free.clear()
+            self._busy.clear()

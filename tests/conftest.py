@@ -1,0 +1,8 @@
+"""Shared by every test folder: put tests/ on the path for ``engines``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
