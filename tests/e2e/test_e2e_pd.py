@@ -248,6 +248,7 @@ def test_bad_requests_get_clear_errors_and_daemons_stay_up(cluster):
         (pb.PrefillRequest(prompt_token_ids=[1, -1]), "token ids"),
         (pb.PrefillRequest(prompt_token_ids=[1], lease_seconds=float("nan")), "lease_seconds"),
         (pb.PrefillRequest(prompt_token_ids=[1], lease_seconds=1e300), "lease_seconds"),
+        (pb.PrefillRequest(prompt_token_ids=[1], lease_seconds=1e-6), "lease_seconds"),
         (pb.PrefillRequest(prompt_token_ids=[1] * 5000), "blocks"),
         (pb.PrefillRequest(request_id="x" * 600, prompt_token_ids=[1]), "request_id"),
     ]:

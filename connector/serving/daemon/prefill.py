@@ -23,6 +23,7 @@ from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 
 BLOCK_WAIT_SECONDS = 1.0
 MAX_LEASE_SECONDS = 3600.0  # how long a Prefill waits for leased blocks to come back
+MIN_LEASE_SECONDS = 0.01  # a shorter lease ends before its handle could be used
 
 
 class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
@@ -92,10 +93,14 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
             )
         tokens = list(request.prompt_token_ids)
         check_tokens(tokens, rt.model.cfg.vocab_size, context)
-        if not 0 <= request.lease_seconds <= MAX_LEASE_SECONDS:  # also refuses NaN
+        lease_ok = request.lease_seconds == 0 or (
+            MIN_LEASE_SECONDS <= request.lease_seconds <= MAX_LEASE_SECONDS  # refuses NaN
+        )
+        if not lease_ok:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"lease_seconds must lie in [0, {MAX_LEASE_SECONDS}], got {request.lease_seconds}",
+                f"lease_seconds must be 0 (the daemon's default) or lie in "
+                f"[{MIN_LEASE_SECONDS}, {MAX_LEASE_SECONDS}], got {request.lease_seconds}",
             )
         n = blocks_needed(len(tokens), cfg.block_size)  # <= num_blocks: checked above
         try:
