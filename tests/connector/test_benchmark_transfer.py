@@ -90,3 +90,13 @@ def test_gpu_benchmark_cpu_parts(capsys):
     cache = layouts.allocate("packed", num_layers=2, num_blocks=6, block_size=2, num_kv_heads=1,
                              head_dim=4, generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert gb.checksum(cache, np.array([1, 2])) != gb.checksum(cache, np.array([3, 4]))
+
+
+def test_cli_runs_the_bench_script_with_its_own_flags():
+    """``kvbridge bench transfer ...`` runs bench/transfer.py; its flags (and --help) pass through."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "kvbridge.connector.serving.cli", "bench", "transfer", "--help"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--backends" in out.stdout and "--quick" in out.stdout
