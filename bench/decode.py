@@ -27,6 +27,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -110,13 +111,31 @@ GQA_SWEEP = [
 MLA_SWEEP = [
     (32, 64, 1, None, 8, 2),
     (32, 64, 1, None, 8, 3),
-    (16, 64, 1, None, 8, 3),
     (64, 64, 1, None, 8, 2),
-    (64, 64, 1, None, 8, 1),
-    (32, 64, 1, None, 4, 2),
-    (32, 64, 1, 2, 8, 2),
-    (32, 32, 1, None, 4, 2),
+    (64, 64, 1, 2, 8, 2),
+    (64, 64, 1, None, 8, 3),
+    (128, 64, 1, None, 8, 1),
+    (64, 64, 2, None, 8, 2),
 ]
+T8_SWEEP = [
+    (32, 32, 1, None, 4, 3),
+    (32, 32, 1, None, 8, 3),
+    (64, 32, 1, None, 8, 2),
+    (32, 16, 1, None, 4, 3),
+]
+WINDOW_SWEEP = [
+    (32, 16, 1, 8, 4, 3),
+    (32, 16, 1, 16, 4, 3),
+    (32, 16, 1, 32, 4, 3),
+    (64, 16, 1, 16, 4, 3),
+]
+SWEEPS = {  # rows that get a config sweep
+    ("mla-b64-s4096", "mla", 1, None): MLA_SWEEP,
+    ("gqa-b64-s4096", "nhd", 1, None): GQA_SWEEP,
+    ("gqa-b64-s4096", "nhd", 8, None): T8_SWEEP,
+    ("gqa-b8-s32k", "nhd", 1, 4096): WINDOW_SWEEP,
+    ("mla-b64-s4096", "mla", 4, None): [(32, 64, 1, None, 8, 3), (32, 64, 1, None, 8, 2)],
+}
 
 
 def bench_ms(fn) -> float:
@@ -204,9 +223,9 @@ def gemm_tflops(log) -> float:
     return tf
 
 
-def run_config(q, k, v, table, seq, cfg: TritonConfig):
-    p = check_inputs(q, k, v, table, seq, None, None, None, None)
-    out = torch.empty(q.shape[0], q.shape[1], v.shape[3], dtype=q.dtype, device="cuda")
+def run_config(q, k, v, table, seq, cfg: TritonConfig, window=None):
+    p = check_inputs(q, k, v, table, seq, None, None, None, None, window)
+    out = torch.empty((*q.shape[:-1], v.shape[3]), dtype=q.dtype, device="cuda")
     return lambda: triton_paged_decode(q, k, v, table, seq, p, None, None, out, cfg)
 
 
@@ -269,17 +288,17 @@ def run_layout(case: str, layout: str, cbw: float, args, over: bool, log, t=1, w
         f" | with validate {ms_checked:.3f} ms | err {err:.1e} | {row['tflops']:.0f} TFLOP/s"
     )
     entries = []
-    if args.no_sweep or over or not plain or layout != "mla":
+    grid = SWEEPS.get((case, layout, t, window))
+    if args.no_sweep or over or not grid:
         return row, entries
-    grid = MLA_SWEEP if layout == "mla" else GQA_SWEEP
     for bn, bh, dvt, sp, w, st in tqdm(grid, desc=f"sweep {case}", leave=False):
         cfg = TritonConfig(
             block_n=bn, block_h=bh, dv_tiles=dvt, num_splits=sp, num_warps=w, num_stages=st
         )
-        entry = dict(case=case, layout=layout, config=cfg.__dict__)
+        entry = dict(case=case, layout=layout, t=t, window=window, config=cfg.__dict__)
         try:
-            run = run_config(q, k, v, table, seq, cfg)
-            entry["rel_err"] = verify(run(), q, k, v, table, seq)
+            run = run_config(q, k, v, table, seq, cfg, window)
+            entry["rel_err"] = verify(run(), q, k, v, table, seq, window)
             entry.update(kernel_stats())
             entry["ms"] = bench_ms(run)
             entry["fraction"] = nbytes / (entry["ms"] * 1e-3) / 1e9 / cbw
@@ -337,6 +356,7 @@ def main() -> None:
         python=platform.python_version(),
         date=time.strftime("%Y-%m-%d %H:%M:%S"),
         command=" ".join(sys.argv),
+        fast_launch=os.environ.get("KVBRIDGE_TRITON_FAST_LAUNCH", "1") != "0",
     )
     log(json.dumps(env))
     t0 = time.time()

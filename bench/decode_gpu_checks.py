@@ -86,43 +86,45 @@ def check_matrix(log, device: str = "cuda") -> list[dict]:
             dtype=case.q.dtype,
             device=device,
         )
-        if cfg is None:
-            paged_decode(
-                case.q,
-                case.k,
-                case.v,
-                case.block_table,
-                case.seq_lens,
-                out=out,
-                backend="triton",
-                **case.kwargs(),
-            )
-        else:
-            from kvbridge.kernels.checks import check_inputs
+        for _ in range(2):  # the second call takes the cached (fast) launch path
+            out.fill_(float("nan"))
+            if cfg is None:
+                paged_decode(
+                    case.q,
+                    case.k,
+                    case.v,
+                    case.block_table,
+                    case.seq_lens,
+                    out=out,
+                    backend="triton",
+                    **case.kwargs(),
+                )
+            else:
+                from kvbridge.kernels.checks import check_inputs
 
-            p = check_inputs(
-                case.q,
-                case.k,
-                case.v,
-                case.block_table,
-                case.seq_lens,
-                None,
-                case.k_scale,
-                case.v_scale,
-                out,
-            )
-            triton_paged_decode(
-                case.q,
-                case.k,
-                case.v,
-                case.block_table,
-                case.seq_lens,
-                p,
-                case.k_scale,
-                case.v_scale,
-                out,
-                cfg,
-            )
+                p = check_inputs(
+                    case.q,
+                    case.k,
+                    case.v,
+                    case.block_table,
+                    case.seq_lens,
+                    None,
+                    case.k_scale,
+                    case.v_scale,
+                    out,
+                )
+                triton_paged_decode(
+                    case.q,
+                    case.k,
+                    case.v,
+                    case.block_table,
+                    case.seq_lens,
+                    p,
+                    case.k_scale,
+                    case.v_scale,
+                    out,
+                    cfg,
+                )
         if device == "cuda":
             torch.cuda.synchronize()
         ref = brute_force(
@@ -171,14 +173,16 @@ def check_multi(log, device: str = "cuda") -> list[dict]:
         bt, sl = case.block_table, case.seq_lens
         if cfg == "host":
             bt, sl = bt.cpu(), sl.cpu()
-        if isinstance(cfg, TritonConfig):
-            from kvbridge.kernels.checks import check_inputs
+        for _ in range(2):  # the second call takes the cached (fast) launch path
+            out.fill_(float("nan"))
+            if isinstance(cfg, TritonConfig):
+                from kvbridge.kernels.checks import check_inputs
 
-            p = check_inputs(case.q, case.k, case.v, bt, sl, None, None, None, out, case.window)
-            triton_paged_decode(case.q, case.k, case.v, bt, sl, p, None, None, out, cfg)
-        else:
-            paged_decode(case.q, case.k, case.v, bt, sl, out=out, backend="triton",
-                         window=case.window, validate=True)  # fmt: skip
+                p = check_inputs(case.q, case.k, case.v, bt, sl, None, None, None, out, case.window)
+                triton_paged_decode(case.q, case.k, case.v, bt, sl, p, None, None, out, cfg)
+            else:
+                paged_decode(case.q, case.k, case.v, bt, sl, out=out, backend="triton",
+                             window=case.window, validate=True)  # fmt: skip
         torch.cuda.synchronize()
         ref = brute_force(case.q, case.k, case.v, case.block_table, case.seq_lens,
                           window=case.window)  # fmt: skip

@@ -83,6 +83,10 @@ def measure(log, seq: int = 1024) -> dict:
 
     triton_paged_decode(q, k, v, bt, sl, p, None, None, out)
     res["splits (plan)"] = LAST_LAUNCH.get("splits")
+    from kvbridge.kernels.triton_fastlaunch import _STATE, _hooked
+
+    res["fast launch active"] = bool(_STATE["ok"] and not _hooked())
+    log(f"  direct (cached) launch path active: {res['fast launch active']}")
     sdpa = res["sdpa (dense, enable_gqa)"]
     log(f"host time per call, B 1 S {seq} GQA 32/8 D 128 (us; SDPA {sdpa:.1f}):")
     for name, us in res.items():

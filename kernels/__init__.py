@@ -6,9 +6,9 @@ tokens per sequence, optional sliding window. Backends: ``backends.REGISTRY``.
 See README.md.
 """
 
-from .api import BACKENDS, paged_decode
-from .backends import REGISTRY, Backend, register
-from .checks import DecodeProblem, PagedDecodeError
+from kvbridge.kernels.api import BACKENDS, paged_decode
+from kvbridge.kernels.backends import REGISTRY, Backend, register
+from kvbridge.kernels.checks import DecodeProblem, PagedDecodeError
 
 __all__ = [
     "BACKENDS", "REGISTRY", "Backend", "DecodeProblem", "PagedDecodeError", "paged_decode",

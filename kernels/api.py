@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-
-from .backends import REGISTRY, Backend, backend_names, resolve
-from .checks import DecodeProblem, PagedDecodeError, check_indices, check_inputs
+from kvbridge.kernels.backends import REGISTRY, Backend, backend_names, resolve
+from kvbridge.kernels.checks import DecodeProblem, PagedDecodeError, check_indices, check_inputs
 
 BACKENDS = backend_names()  # the names the CLI offers ("auto" first)
 _CALLS: dict[tuple, tuple[DecodeProblem, Backend]] = {}  # metadata key -> checked call

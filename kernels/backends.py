@@ -16,9 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-from .checks import DecodeProblem, PagedDecodeError
-from .reference import torch_paged_decode
+from kvbridge.kernels.checks import DecodeProblem, PagedDecodeError
+from kvbridge.kernels.reference import torch_paged_decode
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ def resolve(name: str, p: DecodeProblem, device: torch.device) -> Backend:
 
 def _triton_module():
     try:
-        from . import triton_launch
+        from kvbridge.kernels import triton_launch
     except ImportError:
         return None
     return triton_launch
@@ -95,9 +94,15 @@ def _triton_support(p: DecodeProblem, device: torch.device) -> str | None:
 
 
 def _triton_launch(*args, **kw) -> torch.Tensor:
-    from .triton_launch import triton_paged_decode
+    fn = _TRITON.get("launch")
+    if fn is None:
+        from kvbridge.kernels.triton_launch import triton_paged_decode as fn
 
-    return triton_paged_decode(*args, **kw)
+        _TRITON["launch"] = fn
+    return fn(*args, **kw)
+
+
+_TRITON: dict = {}
 
 
 register(Backend("triton", _triton_support, lambda p, d: d.type == "cuda", _triton_launch))

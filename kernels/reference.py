@@ -11,8 +11,7 @@ token ``t`` sits at position ``p = len - T + t`` and sees keys ``j <= p`` (and
 from __future__ import annotations
 
 import torch
-
-from .checks import DecodeProblem, scale_operand
+from kvbridge.kernels.checks import DecodeProblem, scale_operand
 
 
 def torch_paged_decode(

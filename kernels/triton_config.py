@@ -47,8 +47,9 @@ def default_config(p: DecodeProblem) -> TritonConfig:
         return TritonConfig(block_n=32, block_h=block_h, num_warps=4, num_stages=3)
     if da <= 256:
         return TritonConfig(block_n=32, block_h=min(block_h, 32), num_warps=4, num_stages=2)
-    # MLA-sized (512 columns): 64 heads per latent tile, 8 warps, 254 registers, no spills
-    return TritonConfig(block_n=32, block_h=block_h, num_warps=8, num_stages=2)
+    # MLA-sized (512 columns): 64 heads per latent tile, 8 warps; 64-token tiles were
+    # 11% faster than 32 on an H200 (0.465 vs 0.523 ms, bench/README.md) despite spills
+    return TritonConfig(block_n=64, block_h=block_h, num_warps=8, num_stages=2)
 
 
 @lru_cache(maxsize=16)

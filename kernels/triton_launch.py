@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 import triton
-
-from .checks import DecodeProblem, PagedDecodeError, scale_operand
-from .triton_config import (
+from kvbridge.kernels.checks import DecodeProblem, PagedDecodeError, scale_operand
+from kvbridge.kernels.triton_config import (
     MAX_SPLITS,
     TritonConfig,
     ctas_per_sm,
@@ -25,7 +24,8 @@ from .triton_config import (
     num_sms,
     pick_splits,
 )
-from .triton_kernels import paged_decode_stage1, paged_decode_stage2
+from kvbridge.kernels.triton_fastlaunch import launch
+from kvbridge.kernels.triton_kernels import paged_decode_stage1, paged_decode_stage2
 
 LOG2E = 1.4426950408889634
 MAX_DV = 512
@@ -66,6 +66,30 @@ class LaunchPlan:
     variant: tuple  # occupancy key without the DIRECT flag
     meta: dict = field(hash=False, compare=False)  # stage-1 constexprs
     stage2: dict = field(hash=False, compare=False)  # stage-2 constexprs
+    kernels: dict = field(default_factory=dict, hash=False, compare=False)  # fast launches
+    static: dict | None = field(default=None, hash=False, compare=False)  # see _static
+
+
+def _static(p: DecodeProblem, plan: LaunchPlan) -> dict:
+    """What every launch of ``plan`` passes unchanged (built once, on the first call)."""
+    b, t, h, dv, s = p.batch, p.tokens, p.num_q_heads, p.head_dim_v, plan.splits
+    consts = {
+        (kp, vp): {**plan.meta, "K_SCALE_PTR": kp, "V_SCALE_PTR": vp}
+        for kp in (False, True)
+        for vp in (False, True)
+    }
+    return dict(
+        direct=plan.meta["DIRECT"],
+        po_numel=b * t * h * s * dv,
+        ws_numel=b * t * h * s * (dv + 1),  # partial outputs, then their log-sum-exps
+        s_po=(t * h * s * dv, h * s * dv, s * dv, dv),
+        s_lse=(t * h * s, h * s, s),
+        qk_scale=p.scale * LOG2E,
+        ints=(p.num_blocks, p.max_pages, plan.per_split, p.group, p.tokens, p.window),
+        consts=consts,
+        grid2=(t * h, b),
+        occupancy_known=False,
+    )
 
 
 def _plan(p: DecodeProblem, cfg: TritonConfig, device: torch.device) -> tuple[LaunchPlan, bool]:
@@ -84,7 +108,8 @@ def _plan(p: DecodeProblem, cfg: TritonConfig, device: torch.device) -> tuple[La
         splits = max(1, min(int(cfg.num_splits), MAX_SPLITS))
     else:
         occ = (_OCCUPANCY.get((*variant, True)), _OCCUPANCY.get((*variant, False)))
-        final = device.type != "cuda" or None not in occ
+        # final once a launch of this variant told its occupancy (the other: guessed)
+        final = device.type != "cuda" or occ != (None, None)
         sms = num_sms(device.index or 0) if device.type == "cuda" else 4
         splits = pick_splits(p, programs, sms, cfg.block_n, occ)
     # keys one tile may walk: the table's capacity, or its window (+ block_n: the
@@ -158,56 +183,37 @@ def triton_paged_decode(
             _PLANS[key] = plan
     ks, vs = scale_operand(k_scale, q.device), scale_operand(v_scale, q.device)
     ks_ptr, vs_ptr = isinstance(ks, torch.Tensor), isinstance(vs, torch.Tensor)  # kernel reads it
-    splits, meta = plan.splits, plan.meta
-    direct = meta["DIRECT"]
+    st = plan.static
+    if st is None:
+        st = _static(p, plan)
+        object.__setattr__(plan, "static", st)  # a frozen dataclass's lazy field
     o_st = _out_strides(p, out)
-    if direct:
-        po, lse = out, out  # lse unused
+    if st["direct"]:
+        po = lse = out  # lse unused
         s_po, s_lse = (*o_st, 0), (0, 0, 0)
     else:
-        b, t, h, dv = p.batch, p.tokens, p.num_q_heads, p.head_dim_v
-        ws = torch.empty(b * t * h * splits * (dv + 1), dtype=torch.float32, device=q.device)
-        po = ws[: b * t * h * splits * dv]
-        lse = ws[b * t * h * splits * dv :]
-        s_po = (t * h * splits * dv, h * splits * dv, splits * dv, dv)
-        s_lse = (t * h * splits, h * splits, splits)
+        po = torch.empty(st["ws_numel"], dtype=torch.float32, device=q.device)
+        lse = po[st["po_numel"] :]
+        s_po, s_lse = st["s_po"], st["s_lse"]
     qst = q.stride()
-    q_st = qst[:3] if p.multi else (qst[0], 0, qst[1])
-    kernel = paged_decode_stage1[plan.grid](
-        q,
-        k_cache,
-        v_cache,
-        block_table,
-        seq_lens,
-        po,
-        lse,
-        ks if ks_ptr else q,
-        vs if vs_ptr else q,
-        p.scale * LOG2E,
-        1.0 if ks_ptr else ks,
-        1.0 if vs_ptr else vs,
-        *q_st,
-        *k_cache.stride()[:3],
-        *v_cache.stride()[:3],
-        block_table.stride(0),
-        *s_po,
-        *s_lse,
-        p.num_blocks,
-        p.max_pages,
-        plan.per_split,
-        p.group,
-        p.tokens,
-        p.window,
-        K_SCALE_PTR=ks_ptr,
-        V_SCALE_PTR=vs_ptr,
-        **meta,
-    )
-    occ_key = (*plan.variant, direct)
-    if occ_key not in _OCCUPANCY:
-        _OCCUPANCY[occ_key] = ctas_per_sm(kernel, meta["num_warps"])
-    LAST_LAUNCH.update(stage1=kernel, grid=plan.grid, splits=splits)
-    if not direct:
-        paged_decode_stage2[(p.tokens * p.num_q_heads, p.batch)](
-            po, lse, out, *s_po, *s_lse, *o_st, splits, p.num_q_heads, **plan.stage2,
-        )  # fmt: skip
+    args = (
+        q, k_cache, v_cache, block_table, seq_lens, po, lse,
+        ks if ks_ptr else q, vs if vs_ptr else q,
+        st["qk_scale"], 1.0 if ks_ptr else ks, 1.0 if vs_ptr else vs,
+        *(qst[:3] if p.multi else (qst[0], 0, qst[1])),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
+        *s_po, *s_lse, *st["ints"],
+    )  # fmt: skip
+    consts = st["consts"][(ks_ptr, vs_ptr)]
+    dev = q.device.index or 0
+    kernel = launch(paged_decode_stage1, plan.kernels, plan.grid, args, consts, dev)
+    if not st["occupancy_known"]:
+        occ_key = (*plan.variant, st["direct"])
+        if occ_key not in _OCCUPANCY:
+            _OCCUPANCY[occ_key] = ctas_per_sm(kernel, plan.meta["num_warps"])
+        st["occupancy_known"] = True
+    LAST_LAUNCH.update(stage1=kernel, grid=plan.grid, splits=plan.splits)
+    if not st["direct"]:
+        args2 = (po, lse, out, *s_po, *s_lse, *o_st, plan.splits, p.num_q_heads)
+        launch(paged_decode_stage2, plan.kernels, st["grid2"], args2, plan.stage2, dev)
     return out

@@ -93,7 +93,7 @@ def test_gpu_benchmark_cpu_parts(capsys):
 
 
 def test_cli_runs_the_bench_script_with_its_own_flags():
-    """``kvbridge bench transfer ...`` runs bench/transfer.py; its flags (and --help) pass through."""
+    """``kvbridge bench transfer ...`` runs bench/transfer.py with its own flags (and --help)."""
     import subprocess
 
     cmd = [sys.executable, "-m", "kvbridge.connector.serving.cli", "bench", "transfer", "--help"]

@@ -50,7 +50,7 @@ def test_every_pairing_moves_exactly_the_shared_heads(src_tp, dst_tp):
 
 
 def test_mismatched_models_are_refused_at_handshake():
-    with pytest.raises(IncompatiblePeerError, match="8-head model.*16-head model|16-head"):
+    with pytest.raises(IncompatiblePeerError, match=r"8-head model.*16-head model|16-head"):
         map_peer(_spec(8), 0, 1, 0, _spec(8), 0, 2, 0, "p")  # 8x1 vs 8x2 heads
     with pytest.raises(IncompatiblePeerError, match="cannot hold a model of 8"):
         map_peer(_spec(2), 0, 16, 8, _spec(8), 0, 1, 8, "p")

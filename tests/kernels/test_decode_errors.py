@@ -46,6 +46,11 @@ def call(c, **over):
         (lambda c: dict(v_scale=torch.tensor(2.0)), r"v_scale given for a bfloat16 cache"),
         (lambda c: dict(scale=float("nan")), r"scale must be a finite float"),
         (lambda c: dict(out=torch.empty(2, 4, 32)), r"out must be a torch.bfloat16 tensor"),
+        (
+            lambda c: dict(seq_lens=torch.empty(2, dtype=torch.int32, device="meta")),
+            r"block_table \(cpu\) and seq_lens \(meta\) must both be on q's device",
+        ),
+        (lambda c: dict(q=c.q[:, None, :, :][:, :0]), r"q has 0 tokens per sequence"),
     ],
 )
 def test_bad_input(case, over, match):
