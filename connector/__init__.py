@@ -10,20 +10,14 @@ kvbridge.connector`` (e.g. by the CLI) loads neither torch nor an engine.
 
 from __future__ import annotations
 
-import importlib
-
-_LAZY = {
-    "KVTransferAgent": "kvbridge.connector.transfer.agent",
-    "TransferResult": "kvbridge.connector.transfer.transfer_request",
-    "PendingRequest": "kvbridge.connector.transfer.transfer_request",
-    "HeadMap": "kvbridge.connector.transfer.tp_mapping",
-    "Peer": "kvbridge.connector.transfer.peers",
-}
+from kvbridge.connector.transfer import _LAZY
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _LAZY:  # the library's public names, imported lazily
+        from kvbridge.connector import transfer
+
+        return getattr(transfer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
