@@ -149,6 +149,8 @@ class Daemon:
         steps.append(("metrics server", self._stop_metrics))
         if self.pool is not None:
             steps.append(("prefill channels", self.pool.close))
+        if hasattr(self.servicer, "close"):
+            steps.append(("engine", self.servicer.close))
         steps.append(("transfer agent", self.endpoint.close))
         for what, step in steps:
             try:
