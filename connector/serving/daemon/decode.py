@@ -459,7 +459,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         if rec is None or rec.state.final:
             return pb.ReleaseResponse(released=False)
         self._aborted.add(request.request_id)
-        self.engine.cancel(request.request_id, "released")
+        self.engine.cancel(request.request_id, f"request aborted: {request.reason or 'Release'}")
         return pb.ReleaseResponse(released=True, freed_blocks=rec.num_blocks)
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
