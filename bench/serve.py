@@ -186,9 +186,9 @@ def main() -> int:
     device, dtype = ("cuda:0", "bfloat16") if gpu else ("cpu", "float32")
     mcfg = GPU_MODEL if gpu else ModelConfig()
     levels = [int(x) for x in (args.concurrency or ("1,8,32,64" if gpu else "1,8,32")).split(",")]
-    if args.quick and not args.concurrency:
-        levels = [1, 8]
-    args.requests = args.requests or (2 if args.quick else 4)
+    per_client = {c: max(2, (16 if args.quick else 32) // c) for c in levels}
+    if args.requests:
+        per_client = dict.fromkeys(levels, args.requests)
     args.prompt_len = args.prompt_len or (256 if gpu else 32)
     args.max_new = args.max_new or (64 if gpu else 32)
     check = args.check if args.check is not None else (8 if gpu else 1 << 30)
@@ -216,7 +216,7 @@ def main() -> int:
         torch.set_num_threads(1)
         model = LlamaModel(mcfg, _weights(mcfg, dtype, device))
         for c in levels:
-            row, pairs = run_level(decode.target, c, args.requests, args, rng)
+            row, pairs = run_level(decode.target, c, per_client[c], args, rng)
             ok = 0
             for p, toks in pairs[:check]:
                 ok += toks == generate_monolithic(model, p, args.max_new, block_size=BLOCK_SIZE)
