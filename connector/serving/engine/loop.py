@@ -136,7 +136,11 @@ class DecodeEngine:
                 n = len(active)
                 t0 = time.perf_counter()
                 try:
-                    tokens = self.step(n, any(not s.sampling.greedy for s in active))
+                    tokens = self.step(
+                        n,
+                        any(not s.sampling.greedy for s in active),
+                        max(s.position for s in active) + 1,
+                    )
                 except Exception as exc:  # a broken step fails this batch, not the daemon
                     log.exception("decode step failed", extra={"batch": n})
                     self._fail_all(f"decode step failed: {type(exc).__name__}: {exc}")

@@ -85,14 +85,50 @@ class BatchState:
         self.positions[:n] += 1
 
 
+def gathered_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_len: int,
+    window: int | None,
+) -> torch.Tensor:
+    """The torch reference's math for all rows at once (CPU): gather the first
+    ``max_len`` tokens' blocks of every row, mask past each length, one fp32 softmax.
+
+    Every table entry must be a valid block id (rows are filled with ``pad_block``)."""
+    b, hq, _ = q.shape
+    _, bs, hkv, dqk = k_cache.shape
+    pages = -(-max_len // bs)
+    ids = table[:, :pages].to(torch.int64)
+    k = k_cache[ids].reshape(b, pages * bs, hkv, dqk)[:, :max_len].to(torch.float32)
+    v = v_cache[ids].reshape(b, pages * bs, hkv, -1)[:, :max_len].to(torch.float32)
+    qg = q.to(torch.float32).reshape(b, hkv, hq // hkv, dqk)
+    scores = torch.einsum("bhgd,bjhd->bhgj", qg, k) * scale
+    j = torch.arange(max_len, device=q.device)[None, :]
+    seen = j < seq_lens[:, None]
+    if window is not None:
+        seen &= j > seq_lens[:, None] - 1 - window
+    scores = scores.masked_fill(~seen[:, None, None, :], float("-inf"))
+    out = torch.einsum("bhgj,bjhd->bhgd", torch.softmax(scores, dim=-1), v)
+    return out.reshape(b, hq, -1).to(q.dtype)
+
+
 def forward(
     model: LlamaModel,
     cache: KVCache,
     tokens: torch.Tensor,
     positions: torch.Tensor,
     table: torch.Tensor,
+    max_len: int | None = None,
 ) -> torch.Tensor:
-    """Logits (B, V) of one decode step; appends each row's K/V through the model's hooks."""
+    """Logits (B, V) of one decode step; appends each row's K/V through the model's hooks.
+
+    ``max_len`` (the longest row's length, host data): on the CPU with the torch
+    attention backend, attend all rows at once (``gathered_attention``) instead of
+    ``paged_decode``'s per-sequence loop."""
     cfg, bs = model.cfg, cache.block_size
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     blk = table[rows, positions // bs].to(torch.int64)
@@ -100,16 +136,26 @@ def forward(
     seq_lens = (positions + 1).to(torch.int32)
     window = getattr(cfg, "sliding_window", None)
     extra = {} if window is None else {"window": window}
+    gather = (
+        max_len is not None
+        and tokens.device.type == "cpu"
+        and model.attention_backend in ("auto", "torch")
+    )
     x = model.w.embed[tokens]
     for i in range(cfg.num_layers):
         q, k, v = model._qkv(x, i, positions)
         k_cache, v_cache = cache.kv(layer_name(i))
         k_cache[blk, slot] = k  # index_put_ through the strided views: in place
         v_cache[blk, slot] = v
-        attn = paged_decode(
-            q, k_cache, v_cache, table, seq_lens, scale=model.scale,
-            backend=model.attention_backend, validate=False, **extra,
-        )  # fmt: skip
+        if gather:
+            attn = gathered_attention(
+                q, k_cache, v_cache, table, seq_lens, model.scale, max_len, window
+            )
+        else:
+            attn = paged_decode(
+                q, k_cache, v_cache, table, seq_lens, scale=model.scale,
+                backend=model.attention_backend, validate=False, **extra,
+            )  # fmt: skip
         x = model._mlp_residual(x, attn, i)
     return model._logits(x)
 
@@ -125,9 +171,9 @@ class DecodeStep:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.cuda_graphs = cuda_graphs and state.device.type == "cuda"
 
-    def _run(self, n: int) -> torch.Tensor:
+    def _run(self, n: int, max_len: int | None = None) -> torch.Tensor:
         s = self.state
-        return forward(self.model, self.cache, s.tokens[:n], s.positions[:n], s.tables[:n])
+        return forward(self.model, self.cache, s.tokens[:n], s.positions[:n], s.tables[:n], max_len)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -151,20 +197,22 @@ class DecodeStep:
         torch.cuda.synchronize(self.state.device)
 
     @torch.inference_mode()
-    def logits(self, n: int) -> torch.Tensor:
+    def logits(self, n: int, max_len: int | None = None) -> torch.Tensor:
         """Logits of rows ``[0, n)`` (a view of a graph's output when graphs are on)."""
         if self.graphs:
             b = next(b for b in sorted(self.graphs) if b >= n)
             graph, out = self.graphs[b]
             graph.replay()
             return out[:n]
-        return self._run(n)
+        return self._run(n, max_len)
 
     @torch.inference_mode()
-    def __call__(self, n: int, any_sampling: bool) -> list[int]:
-        """Decode rows ``[0, n)``; advance their tokens and positions; the next tokens."""
+    def __call__(self, n: int, any_sampling: bool, max_len: int | None = None) -> list[int]:
+        """Decode rows ``[0, n)``; advance their tokens and positions; the next tokens.
+
+        ``max_len``: the longest row's length after this step (host data, CPU path)."""
         s = self.state
-        logits = self.logits(n)
+        logits = self.logits(n, max_len)
         if any_sampling:
             nxt = sample(logits, s.temperature[:n], s.top_p[:n], s.top_k[:n], s.seeds[:n],
                          s.positions[:n])  # fmt: skip
