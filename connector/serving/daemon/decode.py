@@ -434,6 +434,12 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 if not context.is_active() or rid in self._aborted:
                     self.engine.cancel(rid, "request aborted")
                 continue
+            while not finish:  # fell behind the engine: send what is queued at once
+                try:
+                    more, finish, error = out.get_nowait()
+                except queue.Empty:
+                    break
+                toks = toks + more
             if finish == "cancelled":
                 raise RequestFailedError(grpc.StatusCode.CANCELLED, error or "request aborted")
             if finish == "failed":
