@@ -134,7 +134,8 @@ def hf_baseline(model: LlamaModel, c: int, args) -> float | None:
         max_position_embeddings=8192, tie_word_embeddings=False,
     )  # fmt: skip
     if getattr(hf_baseline, "model", None) is None:
-        hf = transformers.LlamaForCausalLM(hcfg).to(model.dtype).to(model.device).eval()
+        with torch.device(model.device):  # initialised where it runs: fast
+            hf = transformers.LlamaForCausalLM(hcfg).to(model.dtype).eval()
         sd = {"model.embed_tokens.weight": w.embed, "model.norm.weight": w.norm,
               "lm_head.weight": w.lm_head}  # fmt: skip
         names = {"input_norm": "input_layernorm", "post_norm": "post_attention_layernorm",
@@ -180,7 +181,7 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--max-new", type=int, default=None)
     ap.add_argument("--check", type=int, default=None, help="requests per level checked "
-                    "against the monolithic run (default: all on CPU, 8 on GPU)")  # fmt: skip
+                    "against the monolithic run (default: all on CPU, 4 on GPU)")  # fmt: skip
     ap.add_argument("--backend", default="nixl")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
@@ -189,12 +190,12 @@ def main() -> int:
     device, dtype = ("cuda:0", "bfloat16") if gpu else ("cpu", "float32")
     mcfg = GPU_MODEL if gpu else ModelConfig()
     levels = [int(x) for x in (args.concurrency or ("1,8,32,64" if gpu else "1,8,32")).split(",")]
-    per_client = {c: max(2, (32 if args.quick else 64) // c) for c in levels}
+    per_client = {c: max(2, 32 // c) if not gpu else min(16, max(4, 64 // c)) for c in levels}
     if args.requests:
         per_client = dict.fromkeys(levels, args.requests)
     args.prompt_len = args.prompt_len or (256 if gpu else 32)
     args.max_new = args.max_new or (64 if gpu else 32)
-    check = args.check if args.check is not None else (8 if gpu else 1 << 30)
+    check = args.check if args.check is not None else (4 if gpu else 1 << 30)
     args.vocab = mcfg.vocab_size
     need = max(levels) * -(-(int(args.prompt_len * 1.25) + args.max_new) // BLOCK_SIZE) + 8
     common = ["--backend", args.backend, "--block-size", str(BLOCK_SIZE), "--num-blocks",
