@@ -55,11 +55,13 @@ def pct(xs: list[float], q: float) -> float:
 
 def one_request(stub, rid: str, prompt: list[int], max_new: int, timeout: float) -> dict:
     t0 = time.perf_counter()
-    stamps, tokens, itl = [], [], []
+    stamps, tokens, itl, info = [], [], [], pb.TransferInfo()
     for msg in stub.Generate(
         pb.GenerateRequest(request_id=rid, prompt_token_ids=prompt, max_new_tokens=max_new),
         timeout=timeout,
     ):
+        if msg.HasField("transfer"):
+            info = msg.transfer
         if msg.token_ids:
             now = time.perf_counter()
             if stamps:  # a message may carry several tokens: the gap is shared by them
@@ -71,6 +73,8 @@ def one_request(stub, rid: str, prompt: list[int], max_new: int, timeout: float)
         "tokens": tokens,
         "ttft": stamps[0] - t0,
         "itl": itl,
+        "prefill": info.prefill_seconds,
+        "pull": info.transfer_seconds,
         "seconds": time.perf_counter() - t0,
     }
 
@@ -113,6 +117,8 @@ def run_level(target: str, c: int, n_req: int, args, rng: random.Random) -> tupl
         "itl_p50_ms": round(1e3 * pct([x for r in done for x in r["itl"]], 0.5), 3),
         "itl_p99_ms": round(1e3 * pct([x for r in done for x in r["itl"]], 0.99), 3),
         "seconds": round(wall, 2),
+        "prefill_p50_ms": round(1e3 * pct([r["prefill"] for r in done], 0.5), 2),
+        "pull_p50_ms": round(1e3 * pct([r["pull"] for r in done], 0.5), 2),
     }
     if errors:
         row["first_error"] = errors[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from kvbridge.connector.serving.daemon.security import ServerAuth, TokenAuthInte
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 
 GRPC_WORKERS = 32
+SWITCH_INTERVAL_SECONDS = 0.0005
 
 
 def _hostport(host: str, port: int) -> str:
@@ -169,6 +171,9 @@ def run_daemon(cfg: DaemonConfig, stop_event: threading.Event | None = None) -> 
     setup_logging(cfg.log_level, role=cfg.role, engine=cfg.name)
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
+    # the engine threads hold the GIL through whole model steps; servicer threads
+    # (admission, RPCs, pulls, streaming) must get it within 0.5 ms, not 5 ms
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     stop = stop_event or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

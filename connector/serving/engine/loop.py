@@ -160,6 +160,7 @@ class DecodeEngine:
                     seq.emit([tok], seq.finish, None)
                 for seq in done:
                     self._leave(seq)
+                time.sleep(0)  # let the servicer threads in (GIL) at every step boundary
         finally:
             for seq in list(self.running.active):
                 self._leave(seq)
