@@ -168,6 +168,57 @@ def hf_baseline(model: LlamaModel, c: int, args) -> float | None:
     return round(c * (out.shape[1] - args.prompt_len) / (time.perf_counter() - t0), 2)
 
 
+def graph_check(device: str) -> dict:
+    """In-process: the engine with CUDA graphs vs without vs the monolithic run (fp32,
+    a small model, sequences joining mid-run); how many token lists agree."""
+    import queue
+
+    from kvbridge.connector.serving.engine import DecodeEngine, SamplingParams, Sequence
+    from kvbridge.connector.serving.model import allocate_cache
+
+    model = LlamaModel.random(ModelConfig(num_layers=2, vocab_size=512), device=device)
+    spec = [(5, 40), (33, 12), (1, 25), (70, 30), (12, 3), (9, 33)]
+    rng = random.Random(1)
+    prompts = [[rng.randrange(512) for _ in range(n)] for n, _ in spec]
+    out: dict = {"sequences": len(spec)}
+    for graphs in (False, True):
+        cache = allocate_cache(model, "packed", 128, BLOCK_SIZE, seed=2)
+        eng = DecodeEngine(model, cache, max_batch=8, cuda_graphs=graphs, pad_block=127).start()
+        runs, nxt = [], 0
+        for i, (p, (_, new)) in enumerate(zip(prompts, spec, strict=True)):
+            blocks = list(range(nxt, nxt + -(-(len(p) + new) // BLOCK_SIZE)))
+            nxt += len(blocks)
+            first = int(model.prefill(p, cache, blocks).argmax())
+            q: queue.Queue = queue.Queue()
+            seq = Sequence(f"g{i}", blocks, len(p), first, new, frozenset(), SamplingParams(),
+                           emit=lambda t, f, e, q=q: q.put((t, f)))  # fmt: skip
+            eng.submit(seq)
+            runs.append((seq, q))
+            time.sleep(0.005 * i)
+        toks = []
+        for seq, q in runs:
+            got = [seq.first_token]
+            while True:
+                t, f = q.get(timeout=120)
+                got += t
+                if f:
+                    break
+            toks.append(got)
+        eng.stop()
+        out["graphs" if graphs else "eager"] = toks
+        out["captured" if graphs else "eager_steps"] = (
+            sorted(eng.step.graphs) if graphs else eng.steps
+        )
+    mono = [generate_monolithic(model, p, new, block_size=BLOCK_SIZE)
+            for p, (_, new) in zip(prompts, spec, strict=True)]  # fmt: skip
+    out["eager_match_monolithic"] = sum(a == b for a, b in zip(out["eager"], mono, strict=True))
+    out["graphs_match_eager"] = sum(
+        a == b for a, b in zip(out["graphs"], out["eager"], strict=True)
+    )
+    del out["graphs"], out["eager"]
+    return out
+
+
 def model_args(m: ModelConfig) -> list[str]:
     return [
         "--num-layers", str(m.num_layers), "--hidden-size", str(m.hidden_size),
@@ -191,6 +242,8 @@ def main() -> int:
     ap.add_argument("--backend", default="nixl")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--graph-check", action="store_true", help="first: the engine with and "
+                    "without CUDA graphs vs the monolithic run, in process")  # fmt: skip
     args = ap.parse_args()
     gpu = args.gpu
     device, dtype = ("cuda:0", "bfloat16") if gpu else ("cpu", "float32")
@@ -214,6 +267,9 @@ def main() -> int:
     extra = ["--no-cuda-graphs"] if args.no_cuda_graphs else []
     rng = random.Random(0)
     rows, checked, matched, total = [], 0, 0, 0
+    graphs = graph_check(device) if args.graph_check else None
+    if graphs is not None:
+        print(json.dumps({"graph_check": graphs}), file=sys.stderr, flush=True)
     decode = None
     try:
         prefill.start().wait_ready(600)
@@ -254,7 +310,9 @@ def main() -> int:
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "backend": args.backend}  # fmt: skip
     if args.out:
-        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        Path(args.out).write_text(
+            json.dumps({"meta": meta, "graph_check": graphs, "rows": rows}, indent=1) + "\n"
+        )
     if args.json:
         summary = {
             "concurrency": pick["concurrency"], "tok_s": pick["tok_s"], "tok_s_single": single,

@@ -20,7 +20,8 @@ import torch
 from kvbridge.connector.serving.model.llama import LlamaModel, layer_name
 from kvbridge.topology.layouts import KVCache
 
-CHUNK_TOKENS = 512  # tokens of all prompts together in one forward
+CHUNK_TOKENS = 512  # tokens of all prompts together in one forward (CPU)
+CHUNK_TOKENS_CUDA = 4096  # on a GPU a forward of a few thousand tokens costs about one of 512
 
 
 @dataclass(eq=False)
@@ -38,10 +39,12 @@ class PrefillBatcher:
         self,
         model: LlamaModel,
         cache: KVCache,
-        chunk_tokens: int = CHUNK_TOKENS,
+        chunk_tokens: int | None = None,
         max_prompts: int = 64,
     ) -> None:
         self.model, self.cache = model, cache
+        if chunk_tokens is None:
+            chunk_tokens = CHUNK_TOKENS_CUDA if model.device.type == "cuda" else CHUNK_TOKENS
         self.chunk_tokens, self.max_prompts = chunk_tokens, max_prompts
         self.forwards = 0
         self._jobs: list[_Job] = []
