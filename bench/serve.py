@@ -253,7 +253,7 @@ def main() -> int:
     if args.requests:
         per_client = dict.fromkeys(levels, args.requests)
     args.prompt_len = args.prompt_len or (256 if gpu else 32)
-    args.max_new = args.max_new or (64 if gpu else 32)
+    args.max_new = args.max_new or 64
     check = args.check if args.check is not None else (4 if gpu else 1 << 30)
     args.vocab = mcfg.vocab_size
     need = max(levels) * -(-(int(args.prompt_len * 1.25) + args.max_new) // BLOCK_SIZE) + 8

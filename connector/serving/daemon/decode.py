@@ -445,8 +445,8 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
             if finish == "failed":
                 raise RequestFailedError(grpc.StatusCode.INTERNAL, error or "decode failed")
             rec.num_generated_tokens += len(toks)
-            for _ in toks:
-                rt.count_event("tokens_generated")
+            rt.count(tokens_generated=len(toks))
+            rt.metrics.tokens_generated.inc(len(toks))
             yield pb.GenerateResponse(
                 request_id=rid,
                 token_ids=toks,
