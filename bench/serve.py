@@ -282,7 +282,21 @@ def main() -> int:
         torch.set_num_threads(1)
         model = LlamaModel(mcfg, _weights(mcfg, dtype, device))
         for c in levels:
+            m0 = decode.metrics()
             row, pairs = run_level(decode.target, c, per_client[c], args, rng)
+            m1 = decode.metrics()
+            n_steps = (
+                m1["kvbridge_decode_step_seconds_count"] - m0["kvbridge_decode_step_seconds_count"]
+            )
+            if n_steps:
+                d_sum = (
+                    m1["kvbridge_decode_step_seconds_sum"] - m0["kvbridge_decode_step_seconds_sum"]
+                )
+                d_rows = (
+                    m1["kvbridge_decode_step_rows_total"] - m0["kvbridge_decode_step_rows_total"]
+                )
+                row["step_mean_ms"] = round(1e3 * d_sum / n_steps, 3)
+                row["batch_mean"] = round(d_rows / n_steps, 2)
             ok = 0
             for p, toks in pairs[:check]:
                 ok += toks == generate_monolithic(model, p, args.max_new, block_size=BLOCK_SIZE)

@@ -41,6 +41,7 @@ from kvbridge.connector.serving.engine import (
     SamplingParams,
     Sequence,
 )
+from kvbridge.connector.serving.engine.metrics import step_recorder
 from kvbridge.connector.serving.model import blocks_needed
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
@@ -77,8 +78,9 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         pad = rt.allocator.allocate(1)[0] if graphs else 0
         self.admission = Admission(rt.allocator, cfg.max_waiting)
         self.engine = DecodeEngine(
-            rt.model, rt.cache, max_batch=cfg.max_batch, cuda_graphs=graphs, pad_block=pad
-        ).start()
+            rt.model, rt.cache, max_batch=cfg.max_batch, cuda_graphs=graphs, pad_block=pad,
+            on_step=step_recorder(rt.metrics.registry, "decode"),
+        ).start()  # fmt: skip
 
     # -------------------------------------------------------------- Generate
     def Generate(
