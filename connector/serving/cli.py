@@ -144,8 +144,7 @@ def _run_daemon(role: str, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHMARKS:
-        # the benchmark parses its own flags (argparse.REMAINDER drops leading options)
-        try:
+        try:  # every further argument (--help too) is the benchmark's own
             return _run_bench(argv[1], argv[2:])
         except FileNotFoundError as exc:
             print(f"kvbridge bench: error: {exc}", file=sys.stderr)
