@@ -115,10 +115,16 @@ class DecodeEngine:
         for seq in joins:
             sp = seq.sampling
             row = self.running.add(seq)
-            self.state.set_row(
-                row, seq.first_token, seq.position, seq.blocks,
-                (sp.temperature, sp.top_p, sp.top_k, fold_seed(sp.seed)),
-            )  # fmt: skip
+            try:
+                self.state.set_row(
+                    row, seq.first_token, seq.position, seq.blocks,
+                    (sp.temperature, sp.top_p, sp.top_k, fold_seed(sp.seed)),
+                )  # fmt: skip
+            except Exception as exc:  # this sequence fails, the batch goes on
+                log.exception("joining the batch failed", extra={"request_id": seq.request_id})
+                seq.finish = "failed"
+                self._leave(seq)
+                seq.emit([], "failed", f"joining the batch failed: {type(exc).__name__}: {exc}")
 
     def _fail_all(self, error: str) -> None:
         for seq in list(self.running.active):
