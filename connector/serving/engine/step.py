@@ -190,7 +190,8 @@ class DecodeStep:
         torch.cuda.current_stream(self.state.device).wait_stream(side)
         for b in reversed(buckets(self.max_batch)):  # largest first: the pool fits all
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: transfer-engine threads may touch CUDA while we capture
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 logits = self._run(b)
             pool = graph.pool()
             self.graphs[b] = (graph, logits)
