@@ -302,7 +302,10 @@ def main() -> int:
                 ok += toks == generate_monolithic(model, p, args.max_new, block_size=BLOCK_SIZE)
             row["checked"], row["match_monolithic"] = min(check, len(pairs)), ok
             checked, matched, total = checked + row["checked"], matched + ok, total + len(pairs)
-            row["hf_tok_s"] = hf_baseline(model, c, args)
+            try:
+                row["hf_tok_s"] = hf_baseline(model, c, args)
+            except Exception as exc:  # the baseline must not lose our rows
+                row["hf_tok_s"], row["hf_error"] = None, f"{type(exc).__name__}: {exc}"[:300]
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     finally:
