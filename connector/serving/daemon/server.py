@@ -31,6 +31,14 @@ GRPC_WORKERS = 32
 SWITCH_INTERVAL_SECONDS = 0.0005
 
 
+def grpc_workers(cfg: DaemonConfig) -> int:
+    """gRPC worker threads: a decode daemon holds one per running or queued Generate
+    stream (``--max-batch`` + ``--max-waiting``), plus room for Stats/Release/health."""
+    if cfg.role != "decode":
+        return GRPC_WORKERS
+    return max(GRPC_WORKERS, cfg.max_batch + cfg.max_waiting + 16)
+
+
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -66,7 +74,7 @@ class Daemon:
             self.pool = PrefillPool(cfg.prefill, cfg.prefill_policy, client=auth.client())
             self.servicer = DecodeServicer(rt, self.endpoint, self.pool)
         self.server = grpc.server(
-            ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="kvbridge-grpc"),
+            ThreadPoolExecutor(max_workers=grpc_workers(cfg), thread_name_prefix="kvbridge-grpc"),
             interceptors=self._interceptors(),
             options=[("grpc.so_reuseport", 0)],  # a second daemon on the port must fail
         )
