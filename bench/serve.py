@@ -219,6 +219,37 @@ def graph_check(device: str) -> dict:
     return out
 
 
+def step_scaling(device: str, dtype: str, context: int) -> list[dict]:
+    """In-process ceiling of the engine: ``DecodeStep`` alone (no daemons, no transfers)
+    on the bench model, rows of ``context`` tokens of (random) cache; eager vs graphs."""
+    from kvbridge.connector.serving.engine.step import BatchState, DecodeStep
+    from kvbridge.connector.serving.model import allocate_cache
+
+    model = LlamaModel(GPU_MODEL, _weights(GPU_MODEL, dtype, device))
+    pages = -(-(context + 64) // BLOCK_SIZE)
+    cache = allocate_cache(model, "nhd", 64 * pages + 1, BLOCK_SIZE)
+    rows = []
+    for graphs in (False, True):
+        state = BatchState(64, pages, model.device, pad_block=64 * pages)
+        step = DecodeStep(model, cache, state, cuda_graphs=graphs)
+        step.capture()
+        for b in (1, 8, 32, 64):
+            for r in range(b):
+                state.set_row(r, 1, context, list(range(r * pages, (r + 1) * pages)),
+                              (0.0, 1.0, 0, 0))  # fmt: skip
+            for _ in range(3):
+                step(b, False)
+            torch.cuda.synchronize()
+            t0, n = time.perf_counter(), 30
+            for _ in range(n):
+                step(b, False)  # includes the read-back of the next tokens
+            ms = 1e3 * (time.perf_counter() - t0) / n
+            rows.append({"graphs": graphs, "batch": b, "step_ms": round(ms, 3),
+                         "tok_s": round(b * 1e3 / ms, 1)})  # fmt: skip
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
 def model_args(m: ModelConfig) -> list[str]:
     return [
         "--num-layers", str(m.num_layers), "--hidden-size", str(m.hidden_size),
@@ -242,12 +273,19 @@ def main() -> int:
     ap.add_argument("--backend", default="nixl")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--step-scaling", action="store_true", help="only the in-process "
+                    "DecodeStep timing (GPU model, eager vs CUDA graphs), then exit")  # fmt: skip
     ap.add_argument("--graph-check", action="store_true", help="first: the engine with and "
                     "without CUDA graphs vs the monolithic run, in process")  # fmt: skip
     args = ap.parse_args()
     gpu = args.gpu
     device, dtype = ("cuda:0", "bfloat16") if gpu else ("cpu", "float32")
     mcfg = GPU_MODEL if gpu else ModelConfig()
+    if args.step_scaling:
+        rows = step_scaling(device, dtype, args.prompt_len or 256)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"step_scaling": rows}, indent=1) + "\n")
+        return 0
     levels = [int(x) for x in (args.concurrency or ("1,8,32,64" if gpu else "1,8,32")).split(",")]
     per_client = {c: max(2, 32 // c) if not gpu else min(16, max(4, 64 // c)) for c in levels}
     if args.requests:
