@@ -66,6 +66,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 #: ``kvbridge bench NAME`` runs ``bench/NAME.py`` of the source checkout.
 BENCHMARKS = {
     "transfer": "KV transfer benchmark (NIXL / Mooncake): coalesced vs per-block vs memcpy",
+    "serve": "serving throughput: closed-loop clients vs a prefill + decode daemon pair",
 }
 
 

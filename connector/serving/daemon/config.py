@@ -43,6 +43,7 @@ class Flag:
     roles: tuple[str, ...] = ROLES
     repeat: bool = False  # list value, flag repeatable
     switch: bool = False  # boolean store_true flag
+    negatable: bool = False  # boolean --NAME / --no-NAME flag
 
     @property
     def key(self) -> str:
@@ -148,6 +149,25 @@ FLAGS: tuple[Flag, ...] = (
     Flag("insecure", _bool, "run without TLS and authentication", switch=True),
     Flag("log-level", str, "log level", choices=("debug", "info", "warning", "error")),
     Flag(
+        "max-batch",
+        _positive_int,
+        "most sequences one batched decode step runs (decode); the most prompts one "
+        "prefill forward packs (prefill)",
+    ),
+    Flag(
+        "max-waiting",
+        int,
+        "requests that may wait for free blocks; past it Generate answers RESOURCE_EXHAUSTED",
+        roles=("decode",),
+    ),
+    Flag(
+        "cuda-graphs",
+        _bool,
+        "capture the batched decode step in CUDA graphs per batch-size bucket (CUDA only)",
+        roles=("decode",),
+        negatable=True,
+    ),
+    Flag(
         "prefill",
         _target,
         "prefill daemon HOST:PORT (repeatable)",
@@ -211,6 +231,9 @@ class DaemonConfig:
     log_level: str = "info"
     prefill: list[str] = field(default_factory=list)
     prefill_policy: str = "least-loaded"
+    max_batch: int = 64
+    max_waiting: int = 256
+    cuda_graphs: bool = True
 
     def model_config(self) -> ModelConfig:
         """The model of these sizes (fields ``ModelConfig`` shares; its own defaults else)."""
@@ -253,6 +276,9 @@ def add_daemon_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         if flag.switch:
             parser.add_argument(f"--{flag.name}", action="store_true", **kw)
             continue
+        if flag.negatable:
+            parser.add_argument(f"--{flag.name}", action=argparse.BooleanOptionalAction, **kw)
+            continue
         kw["type"] = flag.type
         if flag.choices:
             kw["choices"] = flag.choices
@@ -266,7 +292,7 @@ def _convert(flag: Flag, value: Any, source: str) -> Any:
         if flag.repeat:
             items = value.split(",") if isinstance(value, str) else list(value)
             out = [flag.type(str(v).strip()) for v in items if str(v).strip()]
-        elif flag.switch:
+        elif flag.switch or flag.negatable:
             out = _bool(value)
         elif value is None:
             out = None
@@ -337,6 +363,10 @@ def resolve_config(
         raise ConfigError("--tls-cert and --tls-key must be given together")
     if not 0 <= cfg.pull_retries <= 10:
         raise ConfigError(f"--pull-retries must lie in [0, 10], got {cfg.pull_retries}")
+    if not 0 <= cfg.max_waiting <= 1 << 20:
+        raise ConfigError(f"--max-waiting must lie in [0, 2**20], got {cfg.max_waiting}")
+    if cfg.max_batch > 4096:
+        raise ConfigError(f"--max-batch must be at most 4096, got {cfg.max_batch}")
     if not 0 <= cfg.guard_bytes <= 1 << 30:
         raise ConfigError(f"--guard-bytes must lie in [0, 2**30], got {cfg.guard_bytes}")
     return cfg

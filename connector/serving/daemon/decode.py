@@ -4,7 +4,9 @@ Per request (state in ``Stats``)::
 
     WAITING       local blocks allocated, Prefill RPC on a prefill daemon
     TRANSFERRING  KV blocks pulled with the transfer agent, prefill lease released
-    DECODING      greedy decode steps with kernels.paged_decode, tokens streamed
+    DECODING      the sequence joins the engine loop's batch (``kvbridge.connector.
+                  serving.engine``): one batched decode step for every active sequence,
+                  tokens streamed from the request's queue
     DONE/FAILED   local blocks freed (always, whatever happened); blocks a failed or
                   aborted pull may still be written by the engine are quarantined
                   first and freed once the engine lets go of them
@@ -16,13 +18,14 @@ reported a failure (not a timeout, not bad input) and is done with the blocks.
 from __future__ import annotations
 
 import hmac
+import queue
+import random
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 
 import grpc
-import torch
 from kvbridge.connector.serving.daemon.allocator import OutOfBlocksError
 from kvbridge.connector.serving.daemon.checksum import kv_checksum
 from kvbridge.connector.serving.daemon.common import check_request_id, check_tokens, stats_response
@@ -30,16 +33,27 @@ from kvbridge.connector.serving.daemon.prefill_pool import PrefillPool
 from kvbridge.connector.serving.daemon.pull import PullError
 from kvbridge.connector.serving.daemon.runtime import DaemonRuntime
 from kvbridge.connector.serving.daemon.states import RequestRecord, RequestState
+from kvbridge.connector.serving.engine import (
+    Admission,
+    AdmissionCancelledError,
+    DecodeEngine,
+    QueueFullError,
+    SamplingParams,
+    Sequence,
+)
+from kvbridge.connector.serving.engine.metrics import step_recorder
 from kvbridge.connector.serving.model import blocks_needed
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 
 LEASE_MARGIN_SECONDS = 0.5  # a pull must end this long before the prefill lease does
-BLOCK_WAIT_SECONDS = 5.0  # how long Generate waits for free local blocks
 
 
 # blocks a failed pull may still write, and how to ask whether the engine is done
 Held = list[tuple[list[int], Callable[[], bool]]]
+
+FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, None: 0}
+LEAVE_WAIT_SECONDS = 30.0  # how long a finished stream waits for the engine to drop its rows
 
 
 class RequestFailedError(Exception):
@@ -58,6 +72,15 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         self.endpoint = endpoint
         self.pool = pool
         self._aborted: set[str] = set()
+        cfg = rt.cfg
+        graphs = cfg.cuda_graphs and rt.model.device.type == "cuda"
+        # CUDA-graph padding rows write one scratch block no request owns
+        pad = rt.allocator.allocate(1)[0] if graphs else 0
+        self.admission = Admission(rt.allocator, cfg.max_waiting)
+        self.engine = DecodeEngine(
+            rt.model, rt.cache, max_batch=cfg.max_batch, cuda_graphs=graphs, pad_block=pad,
+            on_step=step_recorder(rt.metrics.registry, "decode"),
+        ).start()  # fmt: skip
 
     # -------------------------------------------------------------- Generate
     def Generate(
@@ -91,19 +114,16 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 f"{len(tokens)} prompt + {max_new} new tokens need {n_local} blocks; "
                 f"the decode cache has {cfg.num_blocks}",
             )
+        sampling = sampling_params(request, context)
         try:
             rec = rt.registry.add(request_id, len(tokens))
         except ValueError as exc:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         local: list[int] = []
         held: Held = []
+        seq: Sequence | None = None
         try:
-            try:
-                local = rt.allocator.allocate(n_local, timeout=BLOCK_WAIT_SECONDS)
-            except OutOfBlocksError as exc:
-                raise RequestFailedError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode cache full: {exc}"
-                ) from None
+            local = self._admit(request_id, n_local, context)
             rec.num_blocks = n_local
             info, first = self._prefill_and_pull(
                 rec, tokens, local, context, held, request.verify_kv
@@ -115,9 +135,20 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 text=rt.tokenizer.decode([first]),
                 transfer=info,
             )
-            yield from self._decode(
-                rec, tokens, first, max_new, set(request.stop_token_ids), local, context
-            )
+            rec.num_generated_tokens = 1
+            rt.count_event("tokens_generated")
+            stop = frozenset(request.stop_token_ids)
+            if first in stop or max_new == 1:
+                reason = pb.FINISH_REASON_STOP if first in stop else pb.FINISH_REASON_LENGTH
+                yield pb.GenerateResponse(request_id=request_id, finish_reason=reason)
+            else:
+                out: queue.SimpleQueue = queue.SimpleQueue()
+                seq = Sequence(
+                    request_id, local, len(tokens), first, max_new, stop, sampling,
+                    emit=lambda toks, fin, err: out.put((toks, fin, err)),
+                )  # fmt: skip
+                self.engine.submit(seq)
+                yield from self._stream(rec, seq, out, context)
             rt.finish(rec, RequestState.DONE)
         except RequestFailedError as exc:
             rt.finish(rec, RequestState.FAILED, str(exc))
@@ -130,16 +161,41 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 rt.log.exception("generate failed", extra={"request_id": request_id})
             raise
         finally:
+            if seq is not None and not seq.left.is_set():
+                self.engine.cancel(request_id, "the stream ended")
+                if not seq.left.wait(LEAVE_WAIT_SECONDS):  # never free blocks still in use
+                    rt.log.error("engine kept a sequence; its blocks leak",
+                                 extra={"request_id": request_id})  # fmt: skip
+                    local = []
             self._free(rec, local, held)
             self._aborted.discard(request_id)
+
+    def _admit(self, request_id: str, n: int, context: grpc.ServicerContext) -> list[int]:
+        """The request's local blocks, after a wait in the admission queue if need be."""
+        try:
+            return self.admission.acquire(
+                request_id,
+                n,
+                timeout=context.time_remaining(),
+                cancelled=lambda: request_id in self._aborted or not context.is_active(),
+            )
+        except QueueFullError as exc:
+            raise RequestFailedError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode daemon busy: {exc}"
+            ) from None
+        except OutOfBlocksError as exc:
+            raise RequestFailedError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode cache full: {exc}"
+            ) from None
+        except AdmissionCancelledError as exc:
+            raise RequestFailedError(grpc.StatusCode.CANCELLED, str(exc)) from None
 
     def _free(self, rec: RequestRecord, local: list[int], held: Held) -> None:
         """Free the request's blocks; those an engine may still write go to quarantine."""
         rt = self.rt
         busy = {b for ids, _ in held for b in ids}
         rest = [b for b in local if b not in busy]
-        if rest:
-            rt.allocator.free(rest)
+        self.admission.release(rest)  # frees them and serves the admission queue
         for ids, quiet in held:
             rt.quarantine.release_or_hold(ids, quiet, f"request {rec.request_id}: failed pull")
 
@@ -364,52 +420,43 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 extra={"request_id": prefill_id, "error": exc.details()},
             )
 
-    def _decode(
+    def _stream(
         self,
         rec: RequestRecord,
-        prompt: list[int],
-        first: int,
-        max_new: int,
-        stop: set[int],
-        local: list[int],
+        seq: Sequence,
+        out: queue.SimpleQueue,
         context: grpc.ServicerContext,
     ) -> Iterator[pb.GenerateResponse]:
-        rt = self.rt
-        table = torch.tensor([local], dtype=torch.int32, device=rt.model.device)
-        token, pos, generated = first, len(prompt), 1
-        rec.num_generated_tokens = 1
-        rt.count_event("tokens_generated")
-        if token in stop:
+        """Stream what the engine emits for ``seq`` until it finishes."""
+        rt, rid = self.rt, rec.request_id
+        while True:
+            try:
+                toks, finish, error = out.get(timeout=0.1)
+            except queue.Empty:
+                if not context.is_active() or rid in self._aborted:
+                    self.engine.cancel(rid, "request aborted")
+                continue
+            while not finish:  # fell behind the engine: send what is queued at once
+                try:
+                    more, finish, error = out.get_nowait()
+                except queue.Empty:
+                    break
+                toks = toks + more
+            if finish == "cancelled":
+                raise RequestFailedError(grpc.StatusCode.CANCELLED, error or "request aborted")
+            if finish == "failed":
+                raise RequestFailedError(grpc.StatusCode.INTERNAL, error or "decode failed")
+            rec.num_generated_tokens += len(toks)
+            rt.count(tokens_generated=len(toks))
+            rt.metrics.tokens_generated.inc(len(toks))
             yield pb.GenerateResponse(
-                request_id=rec.request_id, finish_reason=pb.FINISH_REASON_STOP
+                request_id=rid,
+                token_ids=toks,
+                text=rt.tokenizer.decode(toks),
+                finish_reason=FINISH[finish],
             )
-            return
-        while generated < max_new:
-            if not context.is_active() or rec.request_id in self._aborted:
-                raise RequestFailedError(grpc.StatusCode.CANCELLED, "request aborted")
-            with rt.compute_lock:
-                logits = rt.model.decode_step([token], [pos], rt.cache, table)
-            token, pos, generated = int(logits[0].argmax()), pos + 1, generated + 1
-            rec.num_generated_tokens = generated
-            rt.count_event("tokens_generated")
-            done = token in stop
-            reason = (
-                pb.FINISH_REASON_STOP
-                if done
-                else (pb.FINISH_REASON_LENGTH if generated == max_new else 0)
-            )
-            yield pb.GenerateResponse(
-                request_id=rec.request_id,
-                token_ids=[token],
-                text=rt.tokenizer.decode([token]),
-                finish_reason=reason,
-            )
-            if done:
+            if finish:
                 return
-        if max_new == 1:
-            yield pb.GenerateResponse(
-                request_id=rec.request_id, finish_reason=pb.FINISH_REASON_LENGTH
-            )
 
     # ------------------------------------------------------- Release / Stats
     def Release(
@@ -420,6 +467,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         if rec is None or rec.state.final:
             return pb.ReleaseResponse(released=False)
         self._aborted.add(request.request_id)
+        self.engine.cancel(request.request_id, f"request aborted: {request.reason or 'Release'}")
         return pb.ReleaseResponse(released=True, freed_blocks=rec.num_blocks)
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
@@ -435,3 +483,22 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
 
     def drain(self, timeout: float) -> bool:
         return self.rt.registry.wait_idle(timeout)
+
+    def close(self) -> None:
+        """Stop the engine loop (after the drain)."""
+        self.engine.stop()
+
+
+def sampling_params(request: pb.GenerateRequest, context: grpc.ServicerContext) -> SamplingParams:
+    """Checked sampling fields of ``request`` (INVALID_ARGUMENT naming the bad one)."""
+    t, p, k = request.temperature, request.top_p, request.top_k
+    if not 0.0 <= t <= 100.0:  # also refuses NaN
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"temperature must lie in [0, 100], got {t}"
+        )
+    if not 0.0 <= p <= 1.0:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"top_p must lie in [0, 1], got {p}")
+    if k < 0:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"top_k must be >= 0, got {k}")
+    seed = request.seed if request.HasField("seed") else random.getrandbits(64)
+    return SamplingParams(temperature=t, top_p=p, top_k=k, seed=seed)

@@ -17,6 +17,7 @@ from kvbridge.connector.serving.daemon.common import (
 from kvbridge.connector.serving.daemon.leases import Lease, LeaseTable
 from kvbridge.connector.serving.daemon.runtime import DaemonRuntime
 from kvbridge.connector.serving.daemon.states import RequestState
+from kvbridge.connector.serving.engine.prefill_batch import prefill_batcher
 from kvbridge.connector.serving.model import blocks_needed
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
@@ -115,8 +116,7 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
         rec.num_blocks = n
         try:
             t0 = time.perf_counter()
-            with rt.compute_lock:
-                logits = rt.model.prefill(tokens, rt.cache, blocks)
+            logits = prefill_batcher(rt).prefill(tokens, blocks)  # packed with concurrent ones
             first = int(logits.argmax())
             seconds = time.perf_counter() - t0
             checksum = kv_checksum(rt.cache, blocks, len(tokens)) if request.kv_checksum else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,15 @@ from kvbridge.connector.serving.daemon.security import ServerAuth, TokenAuthInte
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 
 GRPC_WORKERS = 32
+SWITCH_INTERVAL_SECONDS = 0.0005
+
+
+def grpc_workers(cfg: DaemonConfig) -> int:
+    """gRPC worker threads: a decode daemon holds one per running or queued Generate
+    stream (``--max-batch`` + ``--max-waiting``), plus room for Stats/Release/health."""
+    if cfg.role != "decode":
+        return GRPC_WORKERS
+    return max(GRPC_WORKERS, cfg.max_batch + cfg.max_waiting + 16)
 
 
 def _hostport(host: str, port: int) -> str:
@@ -64,7 +74,7 @@ class Daemon:
             self.pool = PrefillPool(cfg.prefill, cfg.prefill_policy, client=auth.client())
             self.servicer = DecodeServicer(rt, self.endpoint, self.pool)
         self.server = grpc.server(
-            ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="kvbridge-grpc"),
+            ThreadPoolExecutor(max_workers=grpc_workers(cfg), thread_name_prefix="kvbridge-grpc"),
             interceptors=self._interceptors(),
             options=[("grpc.so_reuseport", 0)],  # a second daemon on the port must fail
         )
@@ -149,6 +159,8 @@ class Daemon:
         steps.append(("metrics server", self._stop_metrics))
         if self.pool is not None:
             steps.append(("prefill channels", self.pool.close))
+        if hasattr(self.servicer, "close"):
+            steps.append(("engine", self.servicer.close))
         steps.append(("transfer agent", self.endpoint.close))
         for what, step in steps:
             try:
@@ -167,6 +179,9 @@ def run_daemon(cfg: DaemonConfig, stop_event: threading.Event | None = None) -> 
     setup_logging(cfg.log_level, role=cfg.role, engine=cfg.name)
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
+    # the engine threads hold the GIL through whole model steps; servicer threads
+    # (admission, RPCs, pulls, streaming) must get it within 0.5 ms, not 5 ms
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     stop = stop_event or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,0 +1,173 @@
+"""The decode engine loop: one thread owns the model and the cache, continuous batching.
+
+Servicer threads ``submit`` a ``Sequence`` once its KV is in the cache and read what
+the engine ``emit``s (tokens, a finish reason, an error) from their own queue. Each
+iteration the loop applies cancels and joins at the step boundary, runs ONE batched
+decode step over every active sequence (``DecodeStep``), and hands each sequence its
+token; a finished, cancelled or failed sequence leaves (``Sequence.left`` is set:
+only then may its blocks be freed) while the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from kvbridge.connector.serving.engine.scheduler import RunningSet, Sequence
+from kvbridge.connector.serving.engine.step import BatchState, DecodeStep
+from kvbridge.connector.serving.model.llama import LlamaModel
+from kvbridge.topology.layouts import KVCache
+
+log = logging.getLogger("kvbridge.engine")
+
+_MASK32 = 0xFFFFFFFF
+
+
+def fold_seed(seed: int) -> int:
+    """A 64-bit seed folded to the 32 bits the device hash uses."""
+    return (seed ^ (seed >> 32)) & _MASK32
+
+
+class DecodeEngine:
+    """Continuous-batching decode loop over one model and one paged cache."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        cache: KVCache,
+        *,
+        max_batch: int = 64,
+        cuda_graphs: bool = False,
+        pad_block: int = 0,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> None:
+        """``pad_block``: a block no sequence owns (padding rows of CUDA graphs write it);
+        ``on_step(batch, seconds)`` is called after every step (metrics)."""
+        self.model, self.cache = model, cache
+        self.running = RunningSet(max_batch)
+        self.state = BatchState(max_batch, cache.num_blocks, model.device, pad_block)
+        self.step = DecodeStep(model, cache, self.state, cuda_graphs)
+        self.on_step = on_step
+        self.steps = 0
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> DecodeEngine:
+        """Capture the CUDA graphs (if on) and start the loop thread."""
+        if self.step.cuda_graphs:
+            t0 = time.perf_counter()
+            self.step.capture()
+            log.info(
+                "cuda graphs captured",
+                extra={"buckets": sorted(self.step.graphs), "seconds": time.perf_counter() - t0},
+            )
+        self._thread = threading.Thread(target=self._loop, name="kvbridge-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop; sequences still running get a failure."""
+        self.running.close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------ any thread
+    def submit(self, seq: Sequence) -> None:
+        """Join ``seq`` (its KV is in the cache, its blocks checked) at the next step."""
+        if not seq.capacity_ok(self.cache.block_size):
+            raise ValueError(
+                f"{seq.prompt_len} prompt + {seq.max_new} new tokens do not fit "
+                f"{len(seq.blocks)} blocks of {self.cache.block_size}"
+            )
+        bad = [b for b in seq.blocks if not 0 <= b < self.cache.num_blocks]
+        if bad or (self.state.pad_block in seq.blocks and self.step.cuda_graphs):
+            raise ValueError(f"block ids outside the cache or reserved: {bad[:4]}")
+        self.running.join(seq)
+
+    def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
+        return self.running.cancel(request_id, reason)
+
+    @property
+    def num_running(self) -> int:
+        return self.running.num_running
+
+    # --------------------------------------------------------- engine thread
+    def _leave(self, seq: Sequence) -> None:
+        """Take ``seq`` out of the batch; the last row fills its row."""
+        n_before, row = len(self.running.active), seq.slot
+        moved_from = self.running.remove(seq)
+        if moved_from is not None:
+            self.state.move_row(moved_from, row)
+        if n_before and self.step.cuda_graphs:
+            self.state.clear_row(n_before - 1)  # padding again: writes only the scratch block
+
+    def _apply_changes(self) -> None:
+        cancels, joins = self.running.take_changes()
+        for seq, reason in cancels:
+            seq.finish = "cancelled"
+            if seq.slot >= 0:
+                self._leave(seq)
+            else:
+                self.running.drop_joining(seq)
+            seq.emit([], "cancelled", reason)
+        for seq in joins:
+            sp = seq.sampling
+            row = self.running.add(seq)
+            try:
+                self.state.set_row(
+                    row, seq.first_token, seq.position, seq.blocks,
+                    (sp.temperature, sp.top_p, sp.top_k, fold_seed(sp.seed)),
+                )  # fmt: skip
+            except Exception as exc:  # this sequence fails, the batch goes on
+                log.exception("joining the batch failed", extra={"request_id": seq.request_id})
+                seq.finish = "failed"
+                self._leave(seq)
+                seq.emit([], "failed", f"joining the batch failed: {type(exc).__name__}: {exc}")
+
+    def _fail_all(self, error: str) -> None:
+        for seq in list(self.running.active):
+            seq.finish = "failed"
+            self._leave(seq)
+            seq.emit([], "failed", error)
+
+    def _loop(self) -> None:
+        try:
+            while self.running.wait_for_work(timeout=0.5):
+                self._apply_changes()
+                active = self.running.active
+                if not active:
+                    continue
+                n = len(active)
+                t0 = time.perf_counter()
+                try:
+                    tokens = self.step(
+                        n,
+                        any(not s.sampling.greedy for s in active),
+                        max(s.position for s in active) + 1,
+                    )
+                except Exception as exc:  # a broken step fails this batch, not the daemon
+                    log.exception("decode step failed", extra={"batch": n})
+                    self._fail_all(f"decode step failed: {type(exc).__name__}: {exc}")
+                    continue
+                self.steps += 1
+                if self.on_step is not None:
+                    self.on_step(n, time.perf_counter() - t0)
+                done = []
+                for seq, tok in zip(list(active), tokens, strict=True):
+                    seq.generated += 1
+                    if tok in seq.stop:
+                        seq.finish = "stop"
+                    elif seq.generated >= seq.max_new:
+                        seq.finish = "length"
+                    if seq.finish:
+                        done.append(seq)
+                    seq.emit([tok], seq.finish, None)
+                for seq in done:
+                    self._leave(seq)
+                time.sleep(0)  # let the servicer threads in (GIL) at every step boundary
+        finally:
+            for seq in list(self.running.active):
+                self._leave(seq)
+                seq.emit([], "failed", "the decode engine stopped")

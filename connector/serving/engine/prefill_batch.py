@@ -1,0 +1,168 @@
+"""Prefill of concurrent prompts in shared forwards, chunked so a long prompt cannot stall.
+
+Servicer threads call ``PrefillBatcher.prefill(tokens, blocks)``; one thread runs the
+model. Each forward takes the next chunk (at most ``chunk_tokens`` in all, shortest
+remaining prompts first, at most ``max_prompts`` of them) of every waiting prompt,
+packs the chunks into one (T, hidden) batch for the model's projections and MLP
+(``model._qkv`` / ``model._mlp_residual``: weights read once for all prompts), writes
+each token's K/V into its prompt's blocks, and attends per prompt over the K/V
+already in the cache (earlier chunks) plus the chunk itself, causally. A short prompt
+that arrives while a long one is being prefilled runs in the very next forward.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from kvbridge.connector.serving.model.llama import LlamaModel, layer_name
+from kvbridge.topology.layouts import KVCache
+
+CHUNK_TOKENS = 512  # tokens of all prompts together in one forward (CPU)
+CHUNK_TOKENS_CUDA = 4096  # on a GPU a forward of a few thousand tokens costs about one of 512
+
+
+@dataclass(eq=False)
+class _Job:
+    tokens: list[int]
+    blocks: list[int]
+    done: int = 0  # tokens already in the cache
+    future: Future = field(default_factory=Future)
+
+
+class PrefillBatcher:
+    """One model-owning thread serving concurrent prefills in packed, chunked forwards."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        cache: KVCache,
+        chunk_tokens: int | None = None,
+        max_prompts: int = 64,
+    ) -> None:
+        self.model, self.cache = model, cache
+        if chunk_tokens is None:
+            chunk_tokens = CHUNK_TOKENS_CUDA if model.device.type == "cuda" else CHUNK_TOKENS
+        self.chunk_tokens, self.max_prompts = chunk_tokens, max_prompts
+        self.forwards = 0
+        self._jobs: list[_Job] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="kvbridge-prefill", daemon=True)
+        self._thread.start()
+
+    def prefill(self, tokens: list[int], blocks: list[int]) -> torch.Tensor:
+        """Write the prompt's K/V into ``blocks``; the logits of its last token."""
+        bs = self.cache.block_size
+        if not tokens:
+            raise ValueError("prefill needs at least one prompt token")
+        if len(blocks) * bs < len(tokens):
+            raise ValueError(f"{len(tokens)} tokens need {-(-len(tokens) // bs)} blocks")
+        if any(not 0 <= b < self.cache.num_blocks for b in blocks):
+            raise ValueError(f"block ids must lie in [0, {self.cache.num_blocks})")
+        job = _Job(list(tokens), list(blocks))
+        with self._cond:
+            self._jobs.append(job)
+            self._cond.notify()
+        return job.future.result()
+
+    # ------------------------------------------------------------- the thread
+    def _plan(self) -> list[tuple[_Job, int]]:
+        """(job, chunk length) of the next forward: shortest remaining first."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._jobs)
+            jobs = sorted(self._jobs, key=lambda j: len(j.tokens) - j.done)[: self.max_prompts]
+        plan, budget = [], self.chunk_tokens
+        for job in jobs:
+            if budget <= 0:
+                break
+            n = min(len(job.tokens) - job.done, budget)
+            plan.append((job, n))
+            budget -= n
+        return plan
+
+    def _loop(self) -> None:
+        while True:
+            plan = self._plan()
+            try:
+                last = self._forward(plan)
+                self.forwards += 1
+            except Exception as exc:  # fail this forward's prompts, keep serving
+                with self._cond:
+                    for job, _ in plan:
+                        self._jobs.remove(job)
+                for job, _ in plan:
+                    job.future.set_exception(exc)
+                continue
+            for (job, n), logits in zip(plan, last, strict=True):
+                job.done += n
+                if job.done == len(job.tokens):
+                    with self._cond:
+                        self._jobs.remove(job)
+                    job.future.set_result(logits)
+
+    @torch.inference_mode()
+    def _forward(self, plan: list[tuple[_Job, int]]) -> list[torch.Tensor | None]:
+        """One packed forward over the planned chunks; last-token logits of each chunk."""
+        model, cache, cfg = self.model, self.cache, self.model.cfg
+        dev, bs = model.device, cache.block_size
+        window = getattr(cfg, "sliding_window", None)
+        toks, pos, blk = [], [], []
+        for job, n in plan:
+            p = range(job.done, job.done + n)
+            toks += job.tokens[job.done : job.done + n]
+            pos += p
+            blk += [job.blocks[t // bs] for t in p]
+        tokens = torch.tensor(toks, dtype=torch.int64, device=dev)
+        positions = torch.tensor(pos, dtype=torch.int64, device=dev)
+        blk_t = torch.tensor(blk, dtype=torch.int64, device=dev)
+        slot = positions % bs
+        tables = [
+            torch.tensor(job.blocks[: -(-(job.done + n) // bs)], dtype=torch.int64, device=dev)
+            for job, n in plan
+        ]
+        group = cfg.num_heads // cfg.num_kv_heads
+        x = model.w.embed[tokens]
+        for i in range(cfg.num_layers):
+            q, k, v = model._qkv(x, i, positions)
+            k_cache, v_cache = cache.kv(layer_name(i))
+            k_cache[blk_t, slot] = k
+            v_cache[blk_t, slot] = v
+            outs, start = [], 0
+            for (job, n), table in zip(plan, tables, strict=True):
+                end = job.done + n  # keys [0, end) of this prompt
+                kh = k_cache[table].flatten(0, 1)[:end].repeat_interleave(group, dim=1)
+                vh = v_cache[table].flatten(0, 1)[:end].repeat_interleave(group, dim=1)
+                qh = q[start : start + n].transpose(0, 1)  # (Hq, n, D)
+                scores = (qh @ kh.permute(1, 2, 0)) * model.scale  # (Hq, n, end)
+                qp = torch.arange(job.done, end, device=dev)[:, None]
+                kp = torch.arange(end, device=dev)[None, :]
+                seen = kp <= qp
+                if window is not None:
+                    seen &= kp > qp - window
+                scores = scores.masked_fill(~seen, float("-inf"))
+                outs.append((torch.softmax(scores, dim=-1) @ vh.transpose(0, 1)).transpose(0, 1))
+                start += n
+            x = model._mlp_residual(x, torch.cat(outs), i)
+        ends = torch.tensor(
+            [sum(n for _, n in plan[: j + 1]) - 1 for j in range(len(plan))], device=dev
+        )
+        logits = model._logits(x[ends])
+        return [
+            logits[j] if job.done + n == len(job.tokens) else None
+            for j, (job, n) in enumerate(plan)
+        ]
+
+
+_LOCK = threading.Lock()
+
+
+def prefill_batcher(rt) -> PrefillBatcher:
+    """The daemon runtime's batcher (made on first use; ``rt`` has model, cache, cfg)."""
+    with _LOCK:
+        batcher = getattr(rt, "prefill_batcher", None)
+        if batcher is None:
+            batcher = PrefillBatcher(rt.model, rt.cache, max_prompts=rt.cfg.max_batch)
+            rt.prefill_batcher = batcher
+        return batcher

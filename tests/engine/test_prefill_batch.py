@@ -1,0 +1,98 @@
+"""Packed, chunked prefill of concurrent prompts against the model's own one-prompt prefill."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from kvbridge.connector.serving.engine.prefill_batch import PrefillBatcher
+from kvbridge.connector.serving.model import LlamaModel, ModelConfig, allocate_cache, blocks_needed
+from kvbridge.connector.serving.model.llama import layer_name
+
+CFG = ModelConfig(
+    num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+    intermediate_size=96, vocab_size=300, seed=5,
+)  # fmt: skip
+BS = 4
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaModel:
+    return LlamaModel.random(CFG)
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist()
+
+
+def _kv(cache, blocks: list[int], n: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    k, v = cache.kv(layer_name(i))
+    ids = torch.tensor(blocks)
+    return k[ids].flatten(0, 1)[:n], v[ids].flatten(0, 1)[:n]
+
+
+def test_concurrent_chunked_prefills_equal_single_prefill(model):
+    cache = allocate_cache(model, "packed", 64, BS, seed=1)
+    ref_cache = allocate_cache(model, "nhd", 64, BS, seed=2)
+    batcher = PrefillBatcher(model, cache, chunk_tokens=8, max_prompts=3)
+    lengths = [1, 5, 23, 9, 40, 2]
+    prompts = [_prompt(n, 10 + i) for i, n in enumerate(lengths)]
+    blocks, start = [], 0
+    for n in lengths:
+        blocks.append(list(range(start, start + blocks_needed(n, BS))))
+        start += blocks_needed(n, BS)
+    got: dict[int, torch.Tensor] = {}
+
+    def run(i: int) -> None:
+        got[i] = batcher.prefill(prompts[i], blocks[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert batcher.forwards < sum(-(-n // 8) for n in lengths)  # forwards were shared
+    for i, p in enumerate(prompts):
+        want = model.prefill(p, ref_cache, blocks[i])
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
+        assert int(got[i].argmax()) == int(want.argmax())
+        for layer in range(CFG.num_layers):
+            for a, b in zip(_kv(cache, blocks[i], len(p), layer),
+                            _kv(ref_cache, blocks[i], len(p), layer), strict=True):  # fmt: skip
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_short_prompt_is_not_stalled_by_a_long_one(model):
+    cache = allocate_cache(model, "nhd", 128, BS)
+    batcher = PrefillBatcher(model, cache, chunk_tokens=16)
+    order: list[str] = []
+    long_started = threading.Event()
+
+    def run(name: str, n: int, blocks: list[int]) -> None:
+        if name == "long":
+            long_started.set()
+        batcher.prefill(_prompt(n, 3), blocks)
+        order.append(name)
+
+    t_long = threading.Thread(target=run, args=("long", 200, list(range(50))))
+    t_long.start()
+    long_started.wait(5)
+    while batcher.forwards == 0:  # the long prompt's chunks are under way
+        threading.Event().wait(0.001)
+    t_short = threading.Thread(target=run, args=("short", 3, [100]))
+    t_short.start()
+    t_short.join(60)
+    t_long.join(60)
+    assert order == ["short", "long"]
+
+
+def test_bad_blocks_are_refused(model):
+    batcher = PrefillBatcher(model, allocate_cache(model, "nhd", 4, BS))
+    with pytest.raises(ValueError, match="need 2 blocks"):
+        batcher.prefill([1] * 5, [0])
+    with pytest.raises(ValueError, match="must lie in"):
+        batcher.prefill([1], [9])
+    with pytest.raises(ValueError, match="at least one"):
+        batcher.prefill([], [0])
