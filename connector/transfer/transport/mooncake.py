@@ -17,7 +17,10 @@ engine call failed: the sync call returns at the first failed task or at its
 timeout while other slices may still be in flight (the TCP transport's reads land
 whenever the socket delivers), so the destination stays unsafe for
 ``drain_seconds`` after such a failure (default: the ~15 min after which Linux TCP
-abandons a stalled connection).
+abandons a stalled connection). Before its first batch a job checks with a TCP
+connect that the peer's session still accepts connections; a peer that is gone
+(a restarted process, a stale session) fails the job before any engine call, and
+its destination is quiet at once.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +51,7 @@ from kvbridge.connector.transfer.transport.base import (
 log = logging.getLogger(__name__)
 
 PIP_NAME = "mooncake-transfer-engine-non-cuda"
+PROBE_SECONDS = 1.0  # TCP connect check of a peer's session before a job's first batch
 #: Defaults for the engine's environment knobs (set before the engine starts,
 #: never overriding what the user set). Measured in bench/README.md.
 MC_DEFAULTS = {
@@ -170,7 +175,23 @@ class MooncakeTransport(Transport):
         job.future = self._pool.submit(self._run, job, session, la, ra, nb, opcode, note)
         return job
 
+    @staticmethod
+    def _refused(session: str) -> str:
+        """Why ``session`` cannot be reached ("" if it accepts a TCP connection or the
+        check is inconclusive: only a refused connection proves the peer is gone)."""
+        host, _, port = session.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), PROBE_SECONDS):
+                return ""
+        except ConnectionRefusedError as exc:
+            return str(exc)
+        except (OSError, ValueError):
+            return ""
+
     def _run(self, job: _Job, session, la, ra, nb, opcode, note) -> str:
+        refused = self._refused(session)
+        if refused:  # no engine call made: nothing can land in the destination
+            return f"failed: Mooncake peer session {session} refuses connections ({refused})"
         step = self.max_batch
         for start in range(0, len(nb), step):
             if job.cancel.is_set():
