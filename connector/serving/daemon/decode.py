@@ -264,9 +264,12 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                     ) from None
                 retry = exc.retryable and attempts <= cfg.pull_retries and not aborted()
                 if not (quiet and retry and until - time.monotonic() > 0.1):
+                    # out of time (the lease, --transfer-timeout or the client's deadline)
+                    # whatever the step that ran out: DEADLINE_EXCEEDED
+                    out_of_time = exc.timed_out or until - time.monotonic() <= 0.01
                     code = (
                         grpc.StatusCode.DEADLINE_EXCEEDED
-                        if exc.timed_out
+                        if out_of_time
                         else grpc.StatusCode.UNAVAILABLE
                     )
                     raise RequestFailedError(
