@@ -25,7 +25,7 @@ LIMITED_METHODS = frozenset({f"/{SERVICE_NAME}/Generate", f"/{SERVICE_NAME}/Pref
 
 def worker_count(max_requests: int) -> int:
     """gRPC worker threads for a daemon admitting ``max_requests`` long calls."""
-    return 32
+    return max_requests + CONTROL_WORKERS
 
 
 class AdmissionInterceptor(grpc.ServerInterceptor):
