@@ -244,7 +244,7 @@ def test_status_codes_of_peer_failures(pair, tmp_path):
     closed = free_port()
     wrong, down = start_all(tmp_path, [
         ("decode", "churn-wrong", ["--prefill", decode.target]),
-        ("decode", "churn-down", ["--prefill", f"127.0.0.1:{closed}"]),
+        ("decode", "churn-down", ["--prefill", f"127.0.0.1:{closed}", "--drain-timeout", "1"]),
     ])  # fmt: skip
     try:
         with wrong.channel() as ch, pytest.raises(grpc.RpcError) as err:
@@ -261,6 +261,14 @@ def test_status_codes_of_peer_failures(pair, tmp_path):
             with pytest.raises(grpc.RpcError) as err:
                 garbage(b"\xff\xff\xff\x07garbage", timeout=5)
             assert err.value.code() == S.INVALID_ARGUMENT, err.value.details()
+            # shutdown within --drain-timeout, a call still in flight (waiting for the
+            # target to come back) or not
+            call = in_thread(gen, pb_grpc.KVBridgeServiceStub(ch), prompt_ids(1, 4), 2, timeout=20)
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            assert down.terminate(20) == 0
+            assert time.monotonic() - t0 < 1.0 + 1.5  # the drain, then closing the engine
+            assert isinstance(call.exception(10), grpc.RpcError)
     finally:
         codes = [x.terminate(20) for x in (wrong, down)]
     assert codes == [0, 0]

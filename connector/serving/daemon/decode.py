@@ -94,7 +94,9 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         held: Held = []
         try:
             try:
-                local = rt.allocator.allocate(n_local, timeout=BLOCK_WAIT_SECONDS)
+                local = rt.allocator.allocate(
+                    n_local, timeout=remaining(context, BLOCK_WAIT_SECONDS)
+                )
             except OutOfBlocksError as exc:
                 raise RequestFailedError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode cache full: {exc}"
