@@ -235,7 +235,9 @@ def sample_rss(procs: list[DaemonProcess], out: dict, stop: threading.Event, eve
     while not stop.is_set():
         for name, h in handles.items():
             with contextlib.suppress(psutil.Error):
-                out.setdefault(name, []).append((time.monotonic() - t0, h.memory_info().rss))
+                rss = h.memory_info().rss  # 0: killed (--churn), not yet reaped
+                if rss:
+                    out.setdefault(name, []).append((time.monotonic() - t0, rss))
         stop.wait(every)
 
 
