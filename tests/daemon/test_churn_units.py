@@ -81,7 +81,7 @@ class _RpcError(grpc.RpcError):
 def test_peer_errors_are_wrapped_never_passed_through(theirs, ours):
     err = peer_failure("prefill daemon p:1", _RpcError(theirs, "why"))
     assert err.code == ours == peer_code(theirs)
-    assert f"prefill daemon p:1 answered {theirs.name}: why" in str(err)
+    assert f"call to prefill daemon p:1 ended with {theirs.name}: why" in str(err)
     gone = peer_failure("prefill daemon p:1", _RpcError(theirs, "why"), caller_gone=True)
     assert gone.code == S.CANCELLED
 

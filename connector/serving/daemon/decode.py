@@ -189,7 +189,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                     raise
                 calls.release(stub, resp.handle.request_id, "pulled")
                 return info, resp.handle.first_token_id
-        raise none_answered([e for _, e in refused])
+        raise none_answered(list(dict(refused).values()))  # the last answer of each target
 
     def _call_timeout(self, context: grpc.ServicerContext) -> float:
         """``--request-timeout``, shortened to what is left of the client's own deadline."""

@@ -6,7 +6,8 @@ of our own (or the client's) time ``DEADLINE_EXCEEDED``, a caller that went away
 ``CANCELLED``. A peer daemon's status is never passed through as if it were ours
 (a prefill daemon refusing the decode daemon's token must not reach the client as
 ``UNAUTHENTICATED``): ``peer_failure`` maps it by ``PEER_CODES`` and names the peer
-and its own code in the message.
+and its code in the message (``call to prefill daemon H:P ended with CODE: ...``;
+the code may be the peer's answer or the local channel's, e.g. a timeout).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def peer_failure(what: str, exc: grpc.RpcError, caller_gone: bool = False) -> Re
     """Our error for a failed call to the peer ``what`` (``caller_gone``: our own caller
     cancelled, which is why the call ended)."""
     theirs = exc.code()
-    text = f"{what} answered {theirs.name}: {exc.details()}"
+    text = f"call to {what} ended with {theirs.name}: {exc.details()}"
     if caller_gone:
         return RequestFailedError(S.CANCELLED, f"cancelled by the client ({text})")
     return RequestFailedError(peer_code(theirs), text)
