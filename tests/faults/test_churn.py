@@ -211,11 +211,13 @@ def test_hung_prefill_costs_one_request_timeout_and_no_lease(pair):
 
 
 def test_status_codes_of_peer_failures(pair, tmp_path):
-    """Capacity is RESOURCE_EXHAUSTED, a target that is not a prefill daemon (a
-    misconfiguration) FAILED_PRECONDITION with the peer's own code named, a target
-    that is down UNAVAILABLE within the deadline; garbage to the health service is
-    INVALID_ARGUMENT, not INTERNAL; cancellations are counted apart from failures."""
-    decode, p, d = pair.decode, pair.p, pair.d
+    """Capacity is RESOURCE_EXHAUSTED, an incompatible prefill cache (a
+    misconfiguration) FAILED_PRECONDITION, a target that is down UNAVAILABLE within
+    the deadline with its warnings rate-limited; garbage to the health service is
+    INVALID_ARGUMENT, not INTERNAL; shutdown stays within --drain-timeout;
+    cancellations are counted apart from failures. (A prefill daemon refusing the
+    decode daemon's token: test_auth.py.)"""
+    p, d = pair.p, pair.d
     # fill the prefill cache with leases held by a "peer" (this test), then ask
     held = []
     while True:
@@ -241,22 +243,30 @@ def test_status_codes_of_peer_failures(pair, tmp_path):
     finally:
         for h in held:
             p.Release(pb.ReleaseRequest(request_id=h.handle.request_id), timeout=5)
-    closed = free_port()
-    wrong, down = start_all(tmp_path, [
-        ("decode", "churn-wrong", ["--prefill", decode.target]),
+    closed, odd_port = free_port(), free_port()
+    daemons = start_all(tmp_path, [
         ("decode", "churn-down", ["--prefill", f"127.0.0.1:{closed}", "--drain-timeout", "1"]),
+        ("prefill", "churn-odd", ["--num-layers", "2", "--grpc-port", str(odd_port)]),
+        ("decode", "churn-odd-d", ["--prefill", f"127.0.0.1:{odd_port}"]),
     ])  # fmt: skip
+    down, _, odd_d = daemons
     try:
-        with wrong.channel() as ch, pytest.raises(grpc.RpcError) as err:
+        with odd_d.channel() as ch, pytest.raises(grpc.RpcError) as err:
             gen(pb_grpc.KVBridgeServiceStub(ch), prompt_ids(1, 3), 2, timeout=20)
         assert err.value.code() == S.FAILED_PRECONDITION, err.value.details()
-        assert "UNIMPLEMENTED" in err.value.details()
+        assert "incompatible KV cache" in err.value.details()
         with down.channel() as ch:
             t0 = time.monotonic()
             with pytest.raises(grpc.RpcError) as err:
                 gen(pb_grpc.KVBridgeServiceStub(ch), prompt_ids(1, 3), 2, timeout=20)
             assert err.value.code() == S.UNAVAILABLE, err.value.details()
             assert time.monotonic() - t0 < 5
+            # many refusals in a burst: one warning line (rate-limited), not one each
+            burst = [in_thread(gen, pb_grpc.KVBridgeServiceStub(ch), prompt_ids(1, 3), 2,
+                               timeout=0.5) for _ in range(20)]  # fmt: skip
+            assert all(isinstance(f.exception(10), grpc.RpcError) for f in burst)
+            refusals = down.log_path.read_text().count("prefill target refused, trying next")
+            assert 1 <= refusals <= 2, refusals
             garbage = ch.unary_unary("/grpc.health.v1.Health/Check")
             with pytest.raises(grpc.RpcError) as err:
                 garbage(b"\xff\xff\xff\x07garbage", timeout=5)
@@ -270,8 +280,8 @@ def test_status_codes_of_peer_failures(pair, tmp_path):
             assert time.monotonic() - t0 < 1.0 + 1.5  # the drain, then closing the engine
             assert isinstance(call.exception(10), grpc.RpcError)
     finally:
-        codes = [x.terminate(20) for x in (wrong, down)]
-    assert codes == [0, 0]
+        codes = [x.terminate(20) for x in daemons]
+    assert codes == [0] * len(daemons)
     # a client cancelling mid-stream: a cancellation, not a transfer failure
     c0 = stats(d).counters
     call = d.Generate(pb.GenerateRequest(prompt_token_ids=prompt_ids(1, 9),
@@ -281,5 +291,5 @@ def test_status_codes_of_peer_failures(pair, tmp_path):
     wait_for(lambda: stats(d).counters.cancellations > c0.cancellations, 10, "cancellation counted")
     c1 = stats(d).counters
     assert c1.transfer_failures == c0.transfer_failures
-    m = decode.metrics()
+    m = pair.decode.metrics()
     assert m["kvbridge_cancellations_total"] == c1.cancellations
