@@ -113,9 +113,14 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
         rec.num_blocks = n
         try:
             t0 = time.perf_counter()
-            with rt.compute_lock:
-                waiting = context.is_active()  # else the caller gave up while we queued
+            left = context.time_remaining()  # queue for the model no longer than the caller
+            got = rt.compute_lock.acquire(timeout=-1 if left is None else max(left, 0.0))
+            try:
+                waiting = got and context.is_active()  # else the caller gave up meanwhile
                 logits = rt.model.prefill(tokens, rt.cache, blocks) if waiting else None
+            finally:
+                if got:
+                    rt.compute_lock.release()
             first = int(logits.argmax()) if waiting else 0
             seconds = time.perf_counter() - t0
             checksum = (
