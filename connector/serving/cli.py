@@ -67,6 +67,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 BENCHMARKS = {
     "transfer": "KV transfer benchmark (NIXL / Mooncake): coalesced vs per-block vs memcpy",
     "serve": "serving throughput: closed-loop clients vs a prefill + decode daemon pair",
+    "open_streams": "health/Stats/Release latency with hundreds of open Generate streams",
 }
 
 

@@ -118,6 +118,7 @@ class KVTransferAgent:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
         self.name, self.backend = name, backend
+        self.instance_id = uuid.uuid4().hex  # this incarnation (peers see it in the hello)
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.timeout, self.staging = float(timeout), staging
         self._secret = secret
@@ -167,6 +168,7 @@ class KVTransferAgent:
                 tp_size=tp_size,
                 total_kv_heads=total_kv_heads,
                 side_channel=self._side_address,
+                instance_id=self.instance_id,
             )
         except BaseException:
             self.close()

@@ -33,6 +33,8 @@ class AgentHello(msgspec.Struct, tag="hello", kw_only=True):
     tp_size: int = 1
     total_kv_heads: int = 0  # the model's KV heads; 0: heads per rank x tp_size (no replicas)
     side_channel: str = ""  # "host:port" of the agent's side channel, "" if none
+    # random per agent object: a restarted process under the same name is a new peer
+    instance_id: str = ""
 
 
 class HandshakeRequest(msgspec.Struct, tag="handshake", kw_only=True):

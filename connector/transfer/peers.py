@@ -37,6 +37,11 @@ class Peer:
         return self.hello.side_channel
 
     @property
+    def instance_id(self) -> str:
+        """The peer agent's random id: another value under the same name is a restart."""
+        return self.hello.instance_id
+
+    @property
     def regions(self) -> list[MemRegion]:
         return [MemRegion(r.addr, r.nbytes, r.device) for r in self.spec.regions]
 

@@ -7,11 +7,13 @@ its poison; bad descriptors are refused before anything is posted.
 
 from __future__ import annotations
 
+import socket
 import time
 
 import numpy as np
 import pytest
 import torch
+from engines import require
 from kvbridge.connector.transfer.errors import (
     DescriptorError,
     TransferFailedError,
@@ -101,3 +103,24 @@ def test_close_deregisters_and_refuses(backend):
     t.close()  # idempotent
     with pytest.raises(TransferFailedError, match="closed"):
         t.post("READ", "x", [0], [0], [0], [0], [1])
+
+
+def test_mooncake_peer_gone_before_posting_is_not_quarantined():
+    """A session that refuses connections (a restarted or dead peer) fails the job
+    before any engine call: its destination is quiet at once, not after the drain."""
+    require("mooncake")
+    buf = torch.zeros(4096, dtype=torch.uint8)
+    t = create_transport("mooncake", "raw-gone", drain_seconds=900)
+    try:
+        t.register_region(MemRegion(buf.data_ptr(), buf.numel()))
+        with socket.socket() as s:  # bound, not listening: connections are refused
+            s.bind(("127.0.0.1", 0))
+            dead = f"127.0.0.1:{s.getsockname()[1]}".encode()
+            t.add_peer("gone", dead, [MemRegion(1 << 20, 4096)])
+            z = [0]
+            x = t.post("READ", "gone", z, z, z, z, [64])
+            with pytest.raises(TransferFailedError, match="refuses connections"):
+                t.wait(x, 10)
+        assert t.quiesced(x)
+    finally:
+        t.close()

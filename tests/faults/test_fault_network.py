@@ -37,7 +37,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.netns]
 TRANSFER_TIMEOUT = 3.0
 LEASE = 8.0
 # threads that come and go with load (gRPC workers, engine pools), not per request
-POOL_PREFIXES = ("kvbridge-grpc", "mc-", "Dummy", "ThreadPoolExecutor")
+POOL_PREFIXES = ("kvbridge-grpc", "kvbridge-release", "mc-", "Dummy", "ThreadPoolExecutor")
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

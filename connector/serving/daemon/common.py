@@ -15,6 +15,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVBridgeService"].full_name
 # RPCs refused while draining (Release and Stats keep working so peers can clean up).
 DRAINED_METHODS = frozenset({f"/{SERVICE_NAME}/Prefill", f"/{SERVICE_NAME}/Generate"})
 MAX_REQUEST_ID = 256
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# services whose undecodable requests answer INVALID_ARGUMENT (gRPC's own: INTERNAL)
+DECODED_PREFIXES = (f"/{SERVICE_NAME}/", HEALTH_PREFIX)
 
 
 def request_status(rec: RequestRecord, now: float | None = None) -> pb.RequestStatus:
@@ -71,6 +74,7 @@ def stats_response(
             corrupt_transfers=int(c["corrupt_transfers"]),
             transfer_retries=int(c["transfer_retries"]),
             auth_failures=int(c["auth_failures"]),
+            cancellations=int(c["cancellations"]),
         ),
     )
 
@@ -108,7 +112,7 @@ class RequestDecodeInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         if (
             handler is None
-            or not method.startswith(f"/{SERVICE_NAME}/")
+            or not method.startswith(DECODED_PREFIXES)
             or handler.request_streaming
             or handler.request_deserializer is None
         ):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -26,6 +27,9 @@ from kvbridge.topology.layouts import GQA_LAYOUTS
 ENV_PREFIX = "KVBRIDGE_"
 ROLES = ("prefill", "decode")
 _MODEL = ModelConfig()
+# part of the default engine name: a restarted daemon is a new peer even where the
+# host name and the PID repeat (PID 1 in a container)
+_START_TAG = secrets.token_hex(3)
 
 
 class ConfigError(ValueError):
@@ -111,9 +115,19 @@ FLAGS: tuple[Flag, ...] = (
     Flag("transfer-timeout", _positive_float, "seconds a KV transfer may take"),
     Flag("request-timeout", _positive_float, "seconds a gRPC call to a peer daemon may take"),
     Flag("drain-timeout", _positive_float, "seconds SIGTERM waits for in-flight requests"),
+    Flag(
+        "max-requests",
+        _positive_int,
+        "Generate (decode) or Prefill (prefill) calls served at once; more are answered "
+        "RESOURCE_EXHAUSTED (health, Stats and Release keep workers of their own)",
+    ),
     Flag("torch-threads", int, "torch intra-op threads (0: torch's default)"),
     Flag("max-new-tokens", _positive_int, "largest max_new_tokens a request may ask"),
-    Flag("engine-name", str, "transfer-engine name (default: ROLE-HOST-PID)"),
+    Flag(
+        "engine-name",
+        str,
+        "transfer-engine name (default: ROLE-HOST-PID-RANDOM, new at every start)",
+    ),
     Flag("ready-file", str, "write bound ports as JSON to this file when serving"),
     Flag(
         "pull-retries",
@@ -206,6 +220,7 @@ class DaemonConfig:
     transfer_timeout: float = 10.0
     request_timeout: float = 60.0
     drain_timeout: float = 30.0
+    max_requests: int = 256
     torch_threads: int = 1
     max_new_tokens: int = 4096
     engine_name: str | None = None
@@ -254,7 +269,9 @@ class DaemonConfig:
 
     @property
     def name(self) -> str:
-        return self.engine_name or f"{self.role}-{socket.gethostname()}-{os.getpid()}"
+        return self.engine_name or (
+            f"{self.role}-{socket.gethostname()}-{os.getpid()}-{_START_TAG}"
+        )
 
 
 def add_daemon_arguments(parser: argparse.ArgumentParser, role: str) -> None:

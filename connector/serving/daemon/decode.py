@@ -20,7 +20,6 @@ from __future__ import annotations
 import hmac
 import queue
 import random
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,10 +28,12 @@ import grpc
 from kvbridge.connector.serving.daemon.allocator import OutOfBlocksError
 from kvbridge.connector.serving.daemon.checksum import kv_checksum
 from kvbridge.connector.serving.daemon.common import check_request_id, check_tokens, stats_response
+from kvbridge.connector.serving.daemon.peer_calls import PeerCalls, PeerRefused, remaining
 from kvbridge.connector.serving.daemon.prefill_pool import PrefillPool
 from kvbridge.connector.serving.daemon.pull import PullError
 from kvbridge.connector.serving.daemon.runtime import DaemonRuntime
 from kvbridge.connector.serving.daemon.states import RequestRecord, RequestState
+from kvbridge.connector.serving.daemon.status import RequestFailedError, none_answered
 from kvbridge.connector.serving.engine import (
     Admission,
     AdmissionCancelledError,
@@ -46,6 +47,7 @@ from kvbridge.connector.serving.model import blocks_needed
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 
+_CANCELLED = grpc.StatusCode.CANCELLED
 LEASE_MARGIN_SECONDS = 0.5  # a pull must end this long before the prefill lease does
 
 
@@ -56,14 +58,6 @@ FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, None
 LEAVE_WAIT_SECONDS = 30.0  # how long a finished stream waits for the engine to drop its rows
 
 
-class RequestFailedError(Exception):
-    """A request failed with a gRPC status to report."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
     """Serves Generate, Release (abort) and Stats."""
 
@@ -71,6 +65,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         self.rt = rt
         self.endpoint = endpoint
         self.pool = pool
+        self.calls = PeerCalls(rt)  # Prefill within the deadline, Release in the background
         self._aborted: set[str] = set()
         cfg = rt.cfg
         graphs = cfg.cuda_graphs and rt.model.device.type == "cuda"
@@ -151,10 +146,12 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 yield from self._stream(rec, seq, out, context)
             rt.finish(rec, RequestState.DONE)
         except RequestFailedError as exc:
-            rt.finish(rec, RequestState.FAILED, str(exc))
+            if rt.finish(rec, RequestState.FAILED, str(exc)) and exc.code == _CANCELLED:
+                rt.count_event("cancellations")  # counted apart from failures
             context.abort(exc.code, str(exc))
         except GeneratorExit:  # the client went away mid-stream
-            rt.finish(rec, RequestState.FAILED, "cancelled by the client")
+            if rt.finish(rec, RequestState.FAILED, "cancelled by the client"):
+                rt.count_event("cancellations")
             raise
         except Exception as exc:
             if rt.finish(rec, RequestState.FAILED, f"{type(exc).__name__}: {exc}"):
@@ -208,37 +205,32 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         held: Held,
         verify: bool = False,
     ) -> tuple[pb.TransferInfo, int]:
-        rt = self.rt
+        """Prefill on the first target that answers, pull its KV; every wait within the
+        client's deadline, clean-up calls in the background (``peer_calls``)."""
+        rt, calls = self.rt, self.calls
         prefill_id = f"{rt.name}/{rec.request_id}"
-        last_error = "no prefill daemon answered"
-        for target in self.pool.order():
+        request = pb.PrefillRequest(
+            request_id=prefill_id, prompt_token_ids=tokens, requester=rt.name, kv_checksum=verify
+        )
+        refused: list[tuple[str, PeerRefused]] = []
+
+        def attempts():
+            first = self.pool.order()
+            yield from ((t, False) for t in first)
+            # then the targets that were unreachable, once each, as soon as they reconnect
+            again = [t for t, e in refused if e.code == grpc.StatusCode.UNAVAILABLE]
+            yield from ((t, True) for t in again)
+
+        for target, again in attempts():
+            if again and not calls.wait_ready(self.pool.channel(target), context):
+                continue
             with self.pool.use(target) as stub:
                 rec.peer = target
                 try:
-                    resp = stub.Prefill(
-                        pb.PrefillRequest(
-                            request_id=prefill_id,
-                            prompt_token_ids=tokens,
-                            requester=rt.name,
-                            kv_checksum=verify,
-                        ),
-                        timeout=self._call_timeout(context),
-                    )
-                except grpc.RpcError as exc:
-                    last_error = f"prefill daemon {target}: {exc.code().name}: {exc.details()}"
-                    if exc.code() in (
-                        grpc.StatusCode.UNAVAILABLE,
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    ):
-                        rt.log.warning(
-                            "prefill target refused, trying next",
-                            extra={"target": target, "error": last_error},
-                        )
-                        continue
-                    if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-                        # the prefill may still lease blocks for us: free them (best effort)
-                        self._release(stub, prefill_id, "prefill call failed")
-                    raise RequestFailedError(exc.code(), last_error) from None
+                    resp = calls.prefill(stub, target, request, context)
+                except PeerRefused as exc:
+                    refused.append((target, exc))
+                    continue
                 received = time.monotonic()
                 rt.registry.transition(rec.request_id, RequestState.TRANSFERRING)
                 try:
@@ -247,22 +239,15 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                         info.kv_checksum = self._verify(rec, resp.handle, local)
                 except BaseException:
                     # fail the request now; the lease ends on this Release or on expiry
-                    threading.Thread(
-                        target=self._release,
-                        args=(stub, resp.handle.request_id, "pull failed"),
-                        name="kvbridge-release",
-                        daemon=True,
-                    ).start()
+                    calls.release(stub, resp.handle.request_id, "pull failed")
                     raise
-                self._release(stub, resp.handle.request_id)
+                calls.release(stub, resp.handle.request_id, "pulled")
                 return info, resp.handle.first_token_id
-        raise RequestFailedError(grpc.StatusCode.UNAVAILABLE, last_error)
+        raise none_answered(list(dict(refused).values()))  # the last answer of each target
 
     def _call_timeout(self, context: grpc.ServicerContext) -> float:
         """``--request-timeout``, shortened to what is left of the client's own deadline."""
-        left = context.time_remaining()
-        timeout = self.rt.cfg.request_timeout
-        return timeout if left is None else max(min(timeout, left), 0.0)
+        return remaining(context, self.rt.cfg.request_timeout)
 
     def _pull(
         self,
@@ -285,18 +270,20 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         if h.num_tokens != rec.num_prompt_tokens or n_src != blocks_needed(
             h.num_tokens, h.block_size
         ):
-            raise RequestFailedError(
-                grpc.StatusCode.INTERNAL,
+            raise RequestFailedError(  # a broken peer: its failure, not ours
+                grpc.StatusCode.UNAVAILABLE,
                 f"prefill {target} returned {n_src} blocks for {h.num_tokens} tokens "
                 f"(sent {rec.num_prompt_tokens})",
             )
         if not 0 <= h.lease_seconds_left <= 3600:  # also refuses NaN
             raise RequestFailedError(
-                grpc.StatusCode.INTERNAL,
+                grpc.StatusCode.UNAVAILABLE,
                 f"prefill {target} returned a lease of {h.lease_seconds_left} s",
             )
         deadline = received + h.lease_seconds_left - LEASE_MARGIN_SECONDS
-        until = min(deadline, time.monotonic() + cfg.transfer_timeout)  # all attempts together
+        # all attempts together, within the lease and the client's deadline
+        client_left = remaining(context, cfg.transfer_timeout)
+        until = min(deadline, time.monotonic() + client_left)
         dst = local[:n_src]
 
         def aborted() -> bool:
@@ -309,13 +296,16 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
             if budget <= 0 and attempts == 1:
                 raise RequestFailedError(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"prefill lease of {h.lease_seconds_left:.3f}s too short to pull",
+                    f"prefill lease of {h.lease_seconds_left:.3f}s too short to pull"
+                    if client_left >= cfg.transfer_timeout
+                    else "the client's deadline passed before the KV pull",
                 )
             try:
                 result = self.endpoint.puller.pull(h, dst, timeout=budget, aborted=aborted)
                 break
             except PullError as exc:
-                rt.count_event("transfer_failures")
+                if not exc.aborted:  # a cancellation (counted by Generate) is no failure
+                    rt.count_event("transfer_failures")
                 quiet = exc.quiet()
                 if not quiet:
                     held.append((dst, exc.quiet))
@@ -323,11 +313,19 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                     raise RequestFailedError(
                         grpc.StatusCode.CANCELLED, f"request aborted during the KV pull: {exc}"
                     ) from None
+                if exc.permanent:  # e.g. an incompatible cache: retrying cannot help
+                    raise RequestFailedError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"KV pull from {h.engine_name} refused: {exc}",
+                    ) from None
                 retry = exc.retryable and attempts <= cfg.pull_retries and not aborted()
                 if not (quiet and retry and until - time.monotonic() > 0.1):
+                    # out of time (the lease, --transfer-timeout or the client's deadline)
+                    # whatever the step that ran out: DEADLINE_EXCEEDED
+                    out_of_time = exc.timed_out or until - time.monotonic() <= 0.01
                     code = (
                         grpc.StatusCode.DEADLINE_EXCEEDED
-                        if exc.timed_out
+                        if out_of_time
                         else grpc.StatusCode.UNAVAILABLE
                     )
                     raise RequestFailedError(
@@ -408,17 +406,8 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
     def _release(
         self, stub: pb_grpc.KVBridgeServiceStub, prefill_id: str, reason: str = "pulled"
     ) -> None:
-        """Free the prefill lease (best effort: the lease expires anyway)."""
-        try:
-            stub.Release(
-                pb.ReleaseRequest(request_id=prefill_id, reason=reason),
-                timeout=self.rt.cfg.request_timeout,
-            )
-        except grpc.RpcError as exc:
-            self.rt.log.warning(
-                "release failed; the lease will expire",
-                extra={"request_id": prefill_id, "error": exc.details()},
-            )
+        """Free the prefill lease in the background, retried (the lease expires anyway)."""
+        self.calls.release(stub, prefill_id, reason)
 
     def _stream(
         self,

@@ -2,6 +2,11 @@
 
 A lease ends exactly once: on the peer's completion notification, on a Release
 RPC, or when it expires (the reaper thread). Ending a lease frees its blocks.
+
+Release is idempotent by request id and may arrive before the lease: a release of
+an id with no lease leaves a *tombstone* (``TOMBSTONE_SECONDS``) and a later
+``grant`` for that id is refused (``LeaseRevokedError``), so a peer that gave up
+on a Prefill call never pins blocks until expiry.
 """
 
 from __future__ import annotations
@@ -12,6 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvbridge.connector.serving.daemon.allocator import BlockAllocator
+
+TOMBSTONE_SECONDS = 30.0  # how long a release of an unknown id is remembered
+MAX_TOMBSTONES = 65536
+
+
+class LeaseRevokedError(ValueError):
+    """The peer released the request before its lease was granted."""
 
 
 @dataclass
@@ -42,6 +54,7 @@ class LeaseTable:
         self._lock = threading.Lock()
         self._empty = threading.Condition(self._lock)
         self._leases: dict[str, Lease] = {}
+        self._tombstones: dict[str, float] = {}  # request id -> forget after (clock)
         self._reaper: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -52,10 +65,30 @@ class LeaseTable:
         now = self._clock()
         lease = Lease(request_id, list(block_ids), owner, now + ttl, time.time() + ttl)
         with self._lock:
+            if self._tombstones.pop(request_id, None) is not None:
+                raise LeaseRevokedError(
+                    f"request {request_id!r} was released by its peer before the lease"
+                )
             if request_id in self._leases:
                 raise ValueError(f"request {request_id!r} already holds a lease")
             self._leases[request_id] = lease
         return lease
+
+    def release(self, request_id: str, reason: str) -> Lease | None:
+        """End the lease of ``request_id``, or remember the release (a tombstone) when it
+        has none yet; idempotent. Returns the lease ended, if any."""
+        with self._lock:
+            if request_id not in self._leases:
+                if len(self._tombstones) >= MAX_TOMBSTONES:  # oldest first (insertion order)
+                    self._tombstones.pop(next(iter(self._tombstones)))
+                self._tombstones[request_id] = self._clock() + TOMBSTONE_SECONDS
+                return None
+        return self.end(request_id, reason)
+
+    @property
+    def num_tombstones(self) -> int:
+        with self._lock:
+            return len(self._tombstones)
 
     def end(self, request_id: str, reason: str) -> Lease | None:
         """End the lease of ``request_id`` (free its blocks); None if it has none."""
@@ -76,6 +109,8 @@ class LeaseTable:
         now = self._clock()
         with self._lock:
             due = [rid for rid, lease in self._leases.items() if lease.expires_at <= now]
+            for rid in [r for r, until in self._tombstones.items() if until <= now]:
+                del self._tombstones[rid]
         ended = [self.end(rid, "expired") for rid in due]
         return [lease for lease in ended if lease is not None]
 

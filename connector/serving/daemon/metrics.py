@@ -28,6 +28,7 @@ class DaemonMetrics:
     corrupt_transfers: Counter
     transfer_retries: Counter
     auth_failures: Counter
+    cancellations: Counter
     blocks_quarantined: Gauge
     threads: Gauge
 
@@ -72,6 +73,10 @@ class DaemonMetrics:
             transfer_retries=counter("kvbridge_transfer_retries", "failed pulls retried"),
             auth_failures=counter(
                 "kvbridge_auth_failures", "gRPC calls refused for a missing or wrong token"
+            ),
+            cancellations=counter(
+                "kvbridge_cancellations",
+                "requests ended because the caller cancelled or went away (not failures)",
             ),
             blocks_quarantined=gauge(
                 "kvbridge_blocks_quarantined",

@@ -14,7 +14,7 @@ from kvbridge.connector.serving.daemon.common import (
     check_tokens,
     stats_response,
 )
-from kvbridge.connector.serving.daemon.leases import Lease, LeaseTable
+from kvbridge.connector.serving.daemon.leases import Lease, LeaseRevokedError, LeaseTable
 from kvbridge.connector.serving.daemon.runtime import DaemonRuntime
 from kvbridge.connector.serving.daemon.states import RequestState
 from kvbridge.connector.serving.engine.prefill_batch import prefill_batcher
@@ -30,9 +30,10 @@ MIN_LEASE_SECONDS = 0.01  # a shorter lease ends before its handle could be used
 class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
     """Serves Prefill, Release and Stats; Generate belongs to decode daemons."""
 
-    def __init__(self, rt: DaemonRuntime, side_address: str) -> None:
+    def __init__(self, rt: DaemonRuntime, side_address: str, instance: str = "") -> None:
         self.rt = rt
         self.side_address = side_address
+        self.instance = instance  # the transfer agent's random id, new at every start
         self.leases = LeaseTable(rt.allocator, on_end=self._lease_ended)
         rt.metrics.blocks_leased.set_function(lambda: self.leases.leased_blocks)
 
@@ -109,27 +110,44 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
         except ValueError as exc:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         try:
-            blocks = rt.allocator.allocate(n, timeout=BLOCK_WAIT_SECONDS)
+            left = context.time_remaining()  # never wait past the caller's deadline
+            wait = BLOCK_WAIT_SECONDS if left is None else max(min(BLOCK_WAIT_SECONDS, left), 0)
+            blocks = rt.allocator.allocate(n, timeout=wait)
         except OutOfBlocksError as exc:
             rt.finish(rec, RequestState.FAILED, str(exc))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill cache full: {exc}")
         rec.num_blocks = n
         try:
             t0 = time.perf_counter()
-            logits = prefill_batcher(rt).prefill(tokens, blocks)  # packed with concurrent ones
-            first = int(logits.argmax())
+            left = context.time_remaining()  # queue for the model no longer than the caller
+            logits = prefill_batcher(rt).prefill(  # packed with concurrent prompts
+                tokens, blocks, timeout=left, alive=context.is_active
+            )
+            waiting = logits is not None and context.is_active()  # else the caller gave up
+            first = int(logits.argmax()) if waiting else 0
             seconds = time.perf_counter() - t0
-            checksum = kv_checksum(rt.cache, blocks, len(tokens)) if request.kv_checksum else ""
+            checksum = (
+                kv_checksum(rt.cache, blocks, len(tokens))
+                if request.kv_checksum and waiting
+                else ""
+            )
         except Exception as exc:
             rt.allocator.free(blocks)
             rt.finish(rec, RequestState.FAILED, f"prefill failed: {exc}")
             rt.log.exception("prefill failed", extra={"request_id": request_id})
             context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {exc}")
+        if not waiting:
+            self._abandoned(rec, blocks, context, "before the computation")
+        if not context.is_active():  # a lease only for a caller still waiting
+            self._abandoned(rec, blocks, context, "after the computation")
         # TRANSFERRING before the lease exists: a lease ending at once (tiny ttl) then
         # finds the request in a state it can leave
         rt.registry.transition(request_id, RequestState.TRANSFERRING)
         ttl = request.lease_seconds or cfg.lease_seconds
-        lease = self.leases.grant(request_id, blocks, request.requester, ttl)
+        try:
+            lease = self.leases.grant(request_id, blocks, request.requester, ttl)
+        except LeaseRevokedError as exc:  # the peer's Release came first
+            self._abandoned(rec, blocks, context, str(exc))
         rt.log.info(
             "prefill done",
             extra={
@@ -155,13 +173,33 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
                 compat_hash=rt.compat_hash,
                 prefill_seconds=seconds,
                 kv_checksum=checksum,
+                engine_instance=self.instance,
             )
         )
+
+    def _abandoned(self, rec, blocks: list[int], context: grpc.ServicerContext, when: str):
+        """The caller is gone or released the request: free the blocks, grant nothing."""
+        rt = self.rt
+        rt.allocator.free(blocks)
+        if rt.finish(rec, RequestState.FAILED, f"cancelled by the caller ({when})"):
+            rt.count_event("cancellations")
+        rt.log.info(
+            "prefill abandoned by its caller; no lease granted",
+            extra={"request_id": rec.request_id, "when": when},
+        )
+        context.abort(grpc.StatusCode.CANCELLED, f"the caller cancelled the request ({when})")
 
     def Release(
         self, request: pb.ReleaseRequest, context: grpc.ServicerContext
     ) -> pb.ReleaseResponse:
-        lease = self.leases.end(request.request_id, f"released: {request.reason or 'by peer'}")
+        """End the lease; idempotent. A release of a request whose Prefill has not granted
+        its lease yet (or not even arrived) is remembered, and that lease is never granted."""
+        reason = f"released: {request.reason or 'by peer'}"
+        rec = self.rt.registry.get(request.request_id)
+        if rec is not None and rec.state.final:  # over already (an id may be reused later)
+            lease = self.leases.end(request.request_id, reason)
+        else:
+            lease = self.leases.release(request.request_id, reason)
         if lease is None:
             return pb.ReleaseResponse(released=False)
         return pb.ReleaseResponse(released=True, freed_blocks=len(lease.block_ids))

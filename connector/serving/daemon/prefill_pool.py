@@ -65,6 +65,10 @@ class PrefillPool:
             with self._lock:
                 self._load[target] -= 1
 
+    def channel(self, target: str):
+        """The gRPC channel of ``target`` (None if unknown): to wait for it to connect."""
+        return self._channels.get(target)
+
     def served(self) -> dict[str, int]:
         with self._lock:
             return dict(self._served)

@@ -9,13 +9,17 @@ finishes or fails it, then lets the agent clean up (staging buffer, failure noti
 drain time following a failed call), so the caller quarantines the destination
 blocks until no engine can write them any more.
 
-Peers are dropped (to re-handshake with a restarted engine) only once no transfer
-with them is in flight: removing a NIXL remote agent under a live handle deletes
-the handle behind Python's back.
+Peers are known by engine name *and* incarnation: a handle naming another agent
+instance id (or side channel) than the connected peer's is from a restarted engine,
+which is handshaken with again. Peers are dropped only once no transfer with them
+is in flight: removing a NIXL remote agent under a live handle deletes the handle
+behind Python's back. Before a handshake the side channel is probed with a TCP
+connect, so a peer that is gone fails at once instead of after the whole timeout.
 """
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -31,13 +35,37 @@ from kvbridge.connector.transfer.errors import (
 
 POLL_MAX_SECONDS = 0.002
 ABANDONED_POLL_SECONDS = 0.01
+PROBE_SECONDS = 1.0  # longest TCP connect probe of a side channel before a handshake
+
+
+def probe(address: str, timeout: float) -> None:
+    """``PeerUnreachableError`` when nothing listens at ``host:port`` any more (refused);
+    other errors (timeouts, no route) are left to the handshake's own bounded wait."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection(
+            (host.strip("[]"), int(port)), timeout=min(max(timeout, 1e-3), PROBE_SECONDS)
+        ):
+            pass
+    except ConnectionRefusedError as exc:
+        raise PeerUnreachableError(f"side channel {address} refuses connections: {exc}") from None
+    except (OSError, ValueError):
+        pass
+
+
+def current(peer, side_address: str, instance: str) -> bool:
+    """Whether the connected ``peer`` is the incarnation a handle names."""
+    if instance and peer.instance_id != instance:
+        return False
+    return not side_address or not peer.side_channel or peer.side_channel == side_address
 
 
 class PullError(Exception):
     """A pull failed. ``quiet()`` says whether the engine is done with the blocks.
 
     ``aborted``: cancelled by the caller; ``timed_out``: ran out of time;
-    ``retryable``: an engine or peer failure worth one more try (not bad input).
+    ``retryable``: an engine or peer failure worth one more try (not bad input);
+    ``permanent``: the peers cannot work together (incompatible caches): misconfiguration.
     """
 
     def __init__(
@@ -48,10 +76,12 @@ class PullError(Exception):
         aborted: bool = False,
         timed_out: bool = False,
         retryable: bool = False,
+        permanent: bool = False,
     ) -> None:
         super().__init__(message)
         self.quiet = quiet or (lambda: True)
         self.aborted, self.timed_out, self.retryable = aborted, timed_out, retryable
+        self.permanent = permanent
 
 
 @dataclass(frozen=True)
@@ -85,11 +115,13 @@ class Puller:
         self._stop = threading.Event()
 
     # ----------------------------------------------------------------- peers
-    def _peer(self, engine: str, side_address: str, timeout: float) -> tuple[object, float]:
-        """The connected peer, handshaking first if needed; bounded by ``timeout`` even
-        while another request's handshake holds the lock."""
+    def _peer(
+        self, engine: str, side_address: str, timeout: float, instance: str = ""
+    ) -> tuple[object, float]:
+        """The connected peer of that incarnation, handshaking first if needed; bounded
+        by ``timeout`` even while another request's handshake holds the lock."""
         peer = self.agent.peers.get(engine)
-        if peer is not None:
+        if peer is not None and current(peer, side_address, instance):
             return peer, 0.0
         t0 = time.perf_counter()
         if not self._connect_lock.acquire(timeout=max(timeout, 0.0)):
@@ -99,15 +131,31 @@ class Puller:
             )
         try:
             peer = self.agent.peers.get(engine)  # the other handshake may have made it
-            if peer is not None:
+            if peer is not None and current(peer, side_address, instance):
                 return peer, time.perf_counter() - t0
+            if peer is not None:  # restarted under the same name: a new peer
+                self.log.info(
+                    "peer restarted; handshaking again",
+                    extra={"peer": engine, "address": side_address, "instance": instance},
+                )
+                if not self._drop(engine):
+                    raise PeerUnreachableError(
+                        f"engine {engine} restarted; transfers with its previous "
+                        "incarnation are still in flight"
+                    )
             left = max(timeout - (time.perf_counter() - t0), 1e-3)
+            probe(side_address, left)
             peer = self.agent.connect_to(side_address, timeout=left)
             if peer.name != engine:
                 self._drop(peer.name)
                 raise RuntimeError(
                     f"side channel {side_address} belongs to engine {peer.name!r}, "
                     f"the handle names {engine!r}"
+                )
+            if instance and peer.instance_id != instance:  # restarted after the Prefill
+                raise RuntimeError(
+                    f"engine {engine} restarted after it leased the blocks (instance "
+                    f"{peer.instance_id[:8]}, the handle names {instance[:8]})"
                 )
             seconds = time.perf_counter() - t0
         finally:
@@ -118,14 +166,16 @@ class Puller:
         )
         return peer, seconds
 
-    def _drop(self, engine: str) -> None:
-        """Forget ``engine`` (re-handshake next time), once nothing is in flight with it."""
+    def _drop(self, engine: str) -> bool:
+        """Forget ``engine`` (re-handshake next time), once nothing is in flight with it;
+        False when that has to wait for transfers in flight."""
         with self._lock:
             if self._inflight.get(engine):
                 self._stale.add(engine)
-                return
+                return False
             self._stale.discard(engine)
         self.agent.disconnect(engine)
+        return True
 
     def _begin(self, engine: str) -> None:
         with self._lock:
@@ -155,12 +205,16 @@ class Puller:
         deadline = time.monotonic() + timeout
         agent, engine = self.agent, handle.engine_name
         try:
-            peer, handshake = self._peer(engine, handle.side_channel_address, timeout)
+            peer, handshake = self._peer(
+                engine, handle.side_channel_address, timeout, handle.engine_instance
+            )
             pending = agent.post_read(
                 peer, list(handle.block_ids), local_block_ids,
                 request_id=handle.request_id, notify=True,
             )  # fmt: skip
-        except (IncompatiblePeerError, DescriptorError) as exc:  # refused: nothing was posted
+        except IncompatiblePeerError as exc:  # refused: nothing was posted
+            raise PullError(f"{type(exc).__name__}: {exc}", permanent=True) from None
+        except DescriptorError as exc:  # refused: nothing was posted
             raise PullError(f"{type(exc).__name__}: {exc}") from None
         except (TransferError, OSError) as exc:  # nothing was posted
             self._drop(engine)

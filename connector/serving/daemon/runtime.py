@@ -75,6 +75,7 @@ class DaemonRuntime:
             "corrupt_transfers": 0,
             "transfer_retries": 0,
             "auth_failures": 0,
+            "cancellations": 0,
         }
         self._counter_lock = threading.Lock()
 

@@ -15,6 +15,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from kvbridge.connector.serving.daemon.admission import AdmissionInterceptor, worker_count
 from kvbridge.connector.serving.daemon.common import (
     SERVICE_NAME,
     DrainInterceptor,
@@ -27,16 +28,7 @@ from kvbridge.connector.serving.daemon.runtime import DaemonRuntime
 from kvbridge.connector.serving.daemon.security import ServerAuth, TokenAuthInterceptor
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 
-GRPC_WORKERS = 32
 SWITCH_INTERVAL_SECONDS = 0.0005
-
-
-def grpc_workers(cfg: DaemonConfig) -> int:
-    """gRPC worker threads: a decode daemon holds one per running or queued Generate
-    stream (``--max-batch`` + ``--max-waiting``), plus room for Stats/Release/health."""
-    if cfg.role != "decode":
-        return GRPC_WORKERS
-    return max(GRPC_WORKERS, cfg.max_batch + cfg.max_waiting + 16)
 
 
 def _hostport(host: str, port: int) -> str:
@@ -64,7 +56,9 @@ class Daemon:
         if cfg.role == "prefill":
             from kvbridge.connector.serving.daemon.prefill import PrefillServicer
 
-            self.servicer = PrefillServicer(rt, self.endpoint.side_address)
+            self.servicer = PrefillServicer(
+                rt, self.endpoint.side_address, self.endpoint.agent.instance_id
+            )
             self.endpoint.on_peer_done(self.servicer.on_peer_notification)
             self.servicer.leases.start_reaper()
         else:
@@ -73,8 +67,11 @@ class Daemon:
 
             self.pool = PrefillPool(cfg.prefill, cfg.prefill_policy, client=auth.client())
             self.servicer = DecodeServicer(rt, self.endpoint, self.pool)
+        self.admission = AdmissionInterceptor(cfg.max_requests, rt.log)
         self.server = grpc.server(
-            ThreadPoolExecutor(max_workers=grpc_workers(cfg), thread_name_prefix="kvbridge-grpc"),
+            ThreadPoolExecutor(
+                max_workers=worker_count(cfg.max_requests), thread_name_prefix="kvbridge-grpc"
+            ),
             interceptors=self._interceptors(),
             options=[("grpc.so_reuseport", 0)],  # a second daemon on the port must fail
         )
@@ -120,7 +117,8 @@ class Daemon:
         rt.log.info("serving", extra=self.info)
 
     def _interceptors(self) -> list[grpc.ServerInterceptor]:
-        """Token check first (refused calls are never parsed), then drain, then decoding."""
+        """Token check first (refused calls are never parsed), then drain, admission (the
+        long calls' limit), then decoding."""
         rt, out = self.rt, []
         if not self.auth.insecure:
 
@@ -128,7 +126,12 @@ class Daemon:
                 rt.count_event("auth_failures")
 
             out.append(TokenAuthInterceptor(self.auth.token, rt.log, refused))
-        return [*out, DrainInterceptor(rt.draining.is_set), RequestDecodeInterceptor()]
+        return [
+            *out,
+            DrainInterceptor(rt.draining.is_set),
+            self.admission,
+            RequestDecodeInterceptor(),
+        ]
 
     def _stop_metrics(self) -> None:
         self.metrics_server.shutdown()
@@ -153,11 +156,14 @@ class Daemon:
         rt.quarantine.stop()
         if not drained:
             rt.log.warning("drain timed out", extra={"in_flight": rt.registry.num_live})
-        steps = [("grpc server", lambda: self.server.stop(grace=2.0).wait(5.0))]
+        # what is left of the drain timeout: calls still running then are cancelled
+        grace = max(0.0, timeout - (time.monotonic() - t0))
+        steps = [("grpc server", lambda: self.server.stop(grace=grace).wait(grace + 1.0))]
         if self.cfg.role == "prefill":
             steps.append(("lease reaper", self.servicer.leases.stop_reaper))
         steps.append(("metrics server", self._stop_metrics))
         if self.pool is not None:
+            steps.append(("background releases", self.servicer.calls.close))
             steps.append(("prefill channels", self.pool.close))
         if hasattr(self.servicer, "close"):
             steps.append(("engine", self.servicer.close))

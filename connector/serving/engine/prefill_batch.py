@@ -13,7 +13,9 @@ that arrives while a long one is being prefilled runs in the very next forward.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +32,8 @@ class _Job:
     blocks: list[int]
     done: int = 0  # tokens already in the cache
     future: Future = field(default_factory=Future)
+    alive: Callable[[], bool] | None = None  # False: the caller went away
+    abandoned: bool = False  # the caller stopped waiting
 
 
 class PrefillBatcher:
@@ -52,8 +56,19 @@ class PrefillBatcher:
         self._thread = threading.Thread(target=self._loop, name="kvbridge-prefill", daemon=True)
         self._thread.start()
 
-    def prefill(self, tokens: list[int], blocks: list[int]) -> torch.Tensor:
-        """Write the prompt's K/V into ``blocks``; the logits of its last token."""
+    def prefill(
+        self,
+        tokens: list[int],
+        blocks: list[int],
+        timeout: float | None = None,
+        alive: Callable[[], bool] | None = None,
+    ) -> torch.Tensor | None:
+        """Write the prompt's K/V into ``blocks``; the logits of its last token.
+
+        ``None`` when the caller gave up first: ``timeout`` seconds passed or ``alive()``
+        turned false before the prompt's last chunk. The prompt then leaves the batch
+        at the next forward, and this returns only once no forward writes ``blocks``.
+        """
         bs = self.cache.block_size
         if not tokens:
             raise ValueError("prefill needs at least one prompt token")
@@ -61,17 +76,28 @@ class PrefillBatcher:
             raise ValueError(f"{len(tokens)} tokens need {-(-len(tokens) // bs)} blocks")
         if any(not 0 <= b < self.cache.num_blocks for b in blocks):
             raise ValueError(f"block ids must lie in [0, {self.cache.num_blocks})")
-        job = _Job(list(tokens), list(blocks))
+        job = _Job(list(tokens), list(blocks), alive=alive)
         with self._cond:
             self._jobs.append(job)
             self._cond.notify()
-        return job.future.result()
+        try:
+            return job.future.result(timeout=None if timeout is None else max(timeout, 0.0))
+        except FutureTimeoutError:
+            with self._cond:
+                job.abandoned = True
+                self._cond.notify()
+            return job.future.result()  # None, or the logits if it finished meanwhile
 
     # ------------------------------------------------------------- the thread
     def _plan(self) -> list[tuple[_Job, int]]:
         """(job, chunk length) of the next forward: shortest remaining first."""
         with self._cond:
             self._cond.wait_for(lambda: self._jobs)
+            for job in [j for j in self._jobs if j.abandoned or (j.alive and not j.alive())]:
+                self._jobs.remove(job)  # its caller gave up: no forward writes it again
+                job.future.set_result(None)
+            if not self._jobs:
+                return []
             jobs = sorted(self._jobs, key=lambda j: len(j.tokens) - j.done)[: self.max_prompts]
         plan, budget = [], self.chunk_tokens
         for job in jobs:
@@ -85,6 +111,8 @@ class PrefillBatcher:
     def _loop(self) -> None:
         while True:
             plan = self._plan()
+            if not plan:
+                continue
             try:
                 last = self._forward(plan)
                 self.forwards += 1

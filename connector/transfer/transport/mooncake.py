@@ -17,7 +17,11 @@ engine call failed: the sync call returns at the first failed task or at its
 timeout while other slices may still be in flight (the TCP transport's reads land
 whenever the socket delivers), so the destination stays unsafe for
 ``drain_seconds`` after such a failure (default: the ~15 min after which Linux TCP
-abandons a stalled connection).
+abandons a stalled connection). The first job to a new session, and every job
+after one that failed, first checks with a TCP connect that the session still
+accepts connections (only then: the peer's engine logs a warning per such
+connect); a peer that is gone fails the job before any engine call, and its
+destination is quiet at once.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +52,7 @@ from kvbridge.connector.transfer.transport.base import (
 log = logging.getLogger(__name__)
 
 PIP_NAME = "mooncake-transfer-engine-non-cuda"
+PROBE_SECONDS = 1.0  # TCP connect check of a peer's session before a job's first batch
 #: Defaults for the engine's environment knobs (set before the engine starts,
 #: never overriding what the user set). Measured in bench/README.md.
 MC_DEFAULTS = {
@@ -111,6 +117,7 @@ class MooncakeTransport(Transport):
         self.session = f"{host}:{self._engine.get_rpc_port()}"
         self.max_batch = max(1, int(max_batch))
         self._sessions: dict[str, str] = {}
+        self._verified: set[str] = set()  # sessions that accepted a connection lately
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"mc-{name}")
         self.drain_seconds = float(drain_seconds)
 
@@ -150,9 +157,10 @@ class MooncakeTransport(Transport):
                 f"got {engine_metadata[:64]!r}"
             )
         self._sessions[peer] = session
+        self._verified.discard(session)
 
     def _remove_peer(self, peer: str) -> None:
-        self._sessions.pop(peer, None)
+        self._verified.discard(self._sessions.pop(peer, ""))
 
     # --------------------------------------------------------------- transfers
     def _post(self, op: Op, peer: str, descs: EngineDescriptors, notify: bytes) -> Any:
@@ -170,7 +178,25 @@ class MooncakeTransport(Transport):
         job.future = self._pool.submit(self._run, job, session, la, ra, nb, opcode, note)
         return job
 
+    @staticmethod
+    def _refused(session: str) -> str:
+        """Why ``session`` cannot be reached ("" if it accepts a TCP connection or the
+        check is inconclusive: only a refused connection proves the peer is gone)."""
+        host, _, port = session.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), PROBE_SECONDS):
+                return ""
+        except ConnectionRefusedError as exc:
+            return str(exc)
+        except (OSError, ValueError):
+            return ""
+
     def _run(self, job: _Job, session, la, ra, nb, opcode, note) -> str:
+        if session not in self._verified:
+            refused = self._refused(session)
+            if refused:  # no engine call made: nothing can land in the destination
+                return f"failed: Mooncake peer session {session} refuses connections ({refused})"
+            self._verified.add(session)
         step = self.max_batch
         for start in range(0, len(nb), step):
             if job.cancel.is_set():
@@ -184,9 +210,11 @@ class MooncakeTransport(Transport):
                 )  # fmt: skip
             except BaseException:
                 job.engine_failed_at = time.monotonic()
+                self._verified.discard(session)
                 raise
             if rc != 0:
                 job.engine_failed_at = time.monotonic()
+                self._verified.discard(session)
                 return (
                     f"failed: Mooncake batch_transfer_sync to {session} returned {rc} "
                     f"(descriptors {start}..{min(end, len(nb))} of {len(nb)}; peer gone?)"

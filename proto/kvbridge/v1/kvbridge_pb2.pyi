@@ -61,7 +61,7 @@ class PrefillResponse(_message.Message):
     def __init__(self, handle: _Optional[_Union[KVHandle, _Mapping]] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("request_id", "engine_name", "side_channel_address", "block_ids", "num_tokens", "block_size", "lease_expiry_unix_ms", "lease_seconds_left", "first_token_id", "backend", "kv_layout", "compat_hash", "prefill_seconds", "kv_checksum")
+    __slots__ = ("request_id", "engine_name", "side_channel_address", "block_ids", "num_tokens", "block_size", "lease_expiry_unix_ms", "lease_seconds_left", "first_token_id", "backend", "kv_layout", "compat_hash", "prefill_seconds", "kv_checksum", "engine_instance")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_NAME_FIELD_NUMBER: _ClassVar[int]
     SIDE_CHANNEL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class KVHandle(_message.Message):
     COMPAT_HASH_FIELD_NUMBER: _ClassVar[int]
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     KV_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     engine_name: str
     side_channel_address: str
@@ -90,7 +91,8 @@ class KVHandle(_message.Message):
     compat_hash: str
     prefill_seconds: float
     kv_checksum: str
-    def __init__(self, request_id: _Optional[str] = ..., engine_name: _Optional[str] = ..., side_channel_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., lease_expiry_unix_ms: _Optional[int] = ..., lease_seconds_left: _Optional[float] = ..., first_token_id: _Optional[int] = ..., backend: _Optional[str] = ..., kv_layout: _Optional[str] = ..., compat_hash: _Optional[str] = ..., prefill_seconds: _Optional[float] = ..., kv_checksum: _Optional[str] = ...) -> None: ...
+    engine_instance: str
+    def __init__(self, request_id: _Optional[str] = ..., engine_name: _Optional[str] = ..., side_channel_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., lease_expiry_unix_ms: _Optional[int] = ..., lease_seconds_left: _Optional[float] = ..., first_token_id: _Optional[int] = ..., backend: _Optional[str] = ..., kv_layout: _Optional[str] = ..., compat_hash: _Optional[str] = ..., prefill_seconds: _Optional[float] = ..., kv_checksum: _Optional[str] = ..., engine_instance: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt", "prompt_token_ids", "max_new_tokens", "stop_token_ids", "verify_kv", "temperature", "top_p", "top_k", "seed")
@@ -209,7 +211,7 @@ class RequestStatus(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., state: _Optional[_Union[RequestState, str]] = ..., num_prompt_tokens: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., descriptors: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., peer: _Optional[str] = ..., error: _Optional[str] = ..., age_seconds: _Optional[float] = ...) -> None: ...
 
 class Counters(_message.Message):
-    __slots__ = ("requests_total", "requests_done", "requests_failed", "transfers", "bytes_transferred", "descriptors", "transfer_seconds", "transfer_failures", "lease_expiries", "leases_released", "tokens_generated", "corrupt_transfers", "transfer_retries", "auth_failures")
+    __slots__ = ("requests_total", "requests_done", "requests_failed", "transfers", "bytes_transferred", "descriptors", "transfer_seconds", "transfer_failures", "lease_expiries", "leases_released", "tokens_generated", "corrupt_transfers", "transfer_retries", "auth_failures", "cancellations")
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_DONE_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FAILED_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +226,7 @@ class Counters(_message.Message):
     CORRUPT_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_RETRIES_FIELD_NUMBER: _ClassVar[int]
     AUTH_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    CANCELLATIONS_FIELD_NUMBER: _ClassVar[int]
     requests_total: int
     requests_done: int
     requests_failed: int
@@ -238,7 +241,8 @@ class Counters(_message.Message):
     corrupt_transfers: int
     transfer_retries: int
     auth_failures: int
-    def __init__(self, requests_total: _Optional[int] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., transfers: _Optional[int] = ..., bytes_transferred: _Optional[int] = ..., descriptors: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., transfer_failures: _Optional[int] = ..., lease_expiries: _Optional[int] = ..., leases_released: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., corrupt_transfers: _Optional[int] = ..., transfer_retries: _Optional[int] = ..., auth_failures: _Optional[int] = ...) -> None: ...
+    cancellations: int
+    def __init__(self, requests_total: _Optional[int] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., transfers: _Optional[int] = ..., bytes_transferred: _Optional[int] = ..., descriptors: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., transfer_failures: _Optional[int] = ..., lease_expiries: _Optional[int] = ..., leases_released: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., corrupt_transfers: _Optional[int] = ..., transfer_retries: _Optional[int] = ..., auth_failures: _Optional[int] = ..., cancellations: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("role", "engine_name", "backend", "kv_layout", "num_blocks", "free_blocks", "blocks_in_use", "leased_blocks", "draining", "requests", "counters", "block_size", "compat_hash", "quarantined_blocks", "threads", "thread_names", "guard_band_bytes_changed")
