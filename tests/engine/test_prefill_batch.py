@@ -96,3 +96,24 @@ def test_bad_blocks_are_refused(model):
         batcher.prefill([1], [9])
     with pytest.raises(ValueError, match="at least one"):
         batcher.prefill([], [0])
+
+
+def test_a_caller_that_gives_up_leaves_the_batch_and_its_blocks_untouched(model):
+    """A timed-out or gone caller gets None, and no later forward writes its blocks."""
+    cache = allocate_cache(model, "packed", 64, BS, seed=3)
+    batcher = PrefillBatcher(model, cache, chunk_tokens=4, max_prompts=2)
+    long_blocks = list(range(0, blocks_needed(200, BS)))
+    assert batcher.prefill(_prompt(200, 1), long_blocks, timeout=0.0) is None
+    gone_blocks = [60, 61]
+    before = [t.clone() for t in cache.kv(layer_name(0))]
+    assert batcher.prefill(_prompt(6, 2), gone_blocks, alive=lambda: False) is None
+    after = cache.kv(layer_name(0))
+    for b, a in zip(before, after, strict=True):
+        assert torch.equal(b[gone_blocks], a[gone_blocks])  # never computed
+    # the batcher keeps serving: a later prompt equals the model's own prefill
+    ref_cache = allocate_cache(model, "nhd", 64, BS, seed=4)
+    p = _prompt(9, 3)
+    got = batcher.prefill(p, [62, 63, 50])
+    torch.testing.assert_close(got, model.prefill(p, ref_cache, [62, 63, 50]), rtol=1e-5, atol=1e-5)
+    with batcher._cond:
+        assert batcher._jobs == []
