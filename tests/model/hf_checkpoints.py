@@ -129,3 +129,28 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
         )
     return out[0, len(prompt) :].tolist()
+
+
+def save_tokenizer(path: Path, vocab_size: int = 290):
+    """A byte-level BPE ``tokenizer.json`` (BOS ``<s>`` prepended) trained on a few lines;
+    returns transformers' fast tokenizer over it (the reference for encode/decode)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = ["the quick brown fox jumps over the lazy dog", "héllo wörld ✓ 日本語 the end"] * 20
+    tok.train_from_iterator(text, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    tok.save(str(path / "tokenizer.json"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")

@@ -50,6 +50,22 @@ class RequestFailedError(Exception):
         self.code = code
 
 
+def check_peer_model(model, h: pb.KVHandle, target: str) -> None:
+    """Refuse KV from another model, and a first token outside our vocabulary."""
+    if h.model_id != model.identity:
+        raise RequestFailedError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"model mismatch: prefill {target} serves {h.model_id or 'an unnamed model'}, "
+            f"this decode daemon {model.identity}",
+        )
+    if not 0 <= h.first_token_id < model.cfg.vocab_size:
+        raise RequestFailedError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"prefill {target} returned token id {h.first_token_id}, outside this model's "
+            f"vocabulary [0, {model.cfg.vocab_size})",
+        )
+
+
 class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
     """Serves Generate, Release (abort) and Stats."""
 
@@ -109,15 +125,15 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 rec, tokens, local, context, held, request.verify_kv
             )
             rt.registry.transition(request_id, RequestState.DECODING)
+            detok = rt.tokenizer.stream()  # text pieces never split a character
             yield pb.GenerateResponse(
                 request_id=request_id,
                 token_ids=[first],
-                text=rt.tokenizer.decode([first]),
+                text=detok.push(first),
                 transfer=info,
             )
-            yield from self._decode(
-                rec, tokens, first, max_new, set(request.stop_token_ids), local, context
-            )
+            stop = set(request.stop_token_ids) | rt.stop_ids  # plus the checkpoint's EOS
+            yield from self._decode(rec, tokens, first, max_new, stop, local, context, detok)
             rt.finish(rec, RequestState.DONE)
         except RequestFailedError as exc:
             rt.finish(rec, RequestState.FAILED, str(exc))
@@ -165,6 +181,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                             prompt_token_ids=tokens,
                             requester=rt.name,
                             kv_checksum=verify,
+                            model_id=rt.model.identity,
                         ),
                         timeout=self._call_timeout(context),
                     )
@@ -220,14 +237,9 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
     ) -> pb.TransferInfo:
         rt, cfg = self.rt, self.rt.cfg
         n_src = len(h.block_ids)
-        if h.block_size != cfg.block_size:
-            raise RequestFailedError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"prefill {target} uses block size {h.block_size}, "
-                f"this decode daemon {cfg.block_size}",
-            )
+        check_peer_model(rt.model, h, target)
         if h.num_tokens != rec.num_prompt_tokens or n_src != blocks_needed(
-            h.num_tokens, h.block_size
+            h.num_tokens, max(h.block_size, 1)
         ):
             raise RequestFailedError(
                 grpc.StatusCode.INTERNAL,
@@ -241,7 +253,9 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
             )
         deadline = received + h.lease_seconds_left - LEASE_MARGIN_SECONDS
         until = min(deadline, time.monotonic() + cfg.transfer_timeout)  # all attempts together
-        dst = local[:n_src]
+        dst = local[: blocks_needed(h.num_tokens, cfg.block_size)]
+        # another block size: a token-space plan (only the prompt's tokens move)
+        num_tokens = int(h.num_tokens) if h.block_size != cfg.block_size else None
 
         def aborted() -> bool:
             return rec.request_id in self._aborted or not context.is_active()
@@ -256,7 +270,9 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                     f"prefill lease of {h.lease_seconds_left:.3f}s too short to pull",
                 )
             try:
-                result = self.endpoint.puller.pull(h, dst, timeout=budget, aborted=aborted)
+                result = self.endpoint.puller.pull(
+                    h, dst, timeout=budget, aborted=aborted, num_tokens=num_tokens
+                )
                 break
             except PullError as exc:
                 rt.count_event("transfer_failures")
@@ -336,7 +352,8 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"verify_kv: prefill {h.engine_name} returned no KV checksum",
             )
-        got = kv_checksum(rt.cache, local[: len(h.block_ids)], int(h.num_tokens))
+        dst = local[: blocks_needed(h.num_tokens, rt.cfg.block_size)]
+        got = kv_checksum(rt.cache, dst, int(h.num_tokens))
         if not hmac.compare_digest(got, h.kv_checksum):
             rt.count_event("corrupt_transfers")
             rt.log.error(
@@ -373,6 +390,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         stop: set[int],
         local: list[int],
         context: grpc.ServicerContext,
+        detok,
     ) -> Iterator[pb.GenerateResponse]:
         rt = self.rt
         table = torch.tensor([local], dtype=torch.int32, device=rt.model.device)
@@ -381,7 +399,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         rt.count_event("tokens_generated")
         if token in stop:
             yield pb.GenerateResponse(
-                request_id=rec.request_id, finish_reason=pb.FINISH_REASON_STOP
+                request_id=rec.request_id, text=detok.flush(), finish_reason=pb.FINISH_REASON_STOP
             )
             return
         while generated < max_new:
@@ -398,17 +416,17 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 if done
                 else (pb.FINISH_REASON_LENGTH if generated == max_new else 0)
             )
+            text = detok.push(token) + (detok.flush() if reason else "")
             yield pb.GenerateResponse(
-                request_id=rec.request_id,
-                token_ids=[token],
-                text=rt.tokenizer.decode([token]),
-                finish_reason=reason,
+                request_id=rec.request_id, token_ids=[token], text=text, finish_reason=reason
             )
             if done:
                 return
         if max_new == 1:
             yield pb.GenerateResponse(
-                request_id=rec.request_id, finish_reason=pb.FINISH_REASON_LENGTH
+                request_id=rec.request_id,
+                text=detok.flush(),
+                finish_reason=pb.FINISH_REASON_LENGTH,
             )
 
     # ------------------------------------------------------- Release / Stats

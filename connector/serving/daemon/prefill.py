@@ -92,6 +92,12 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
             )
         tokens = list(request.prompt_token_ids)
         check_tokens(tokens, rt.model.cfg.vocab_size, context)
+        if request.model_id and request.model_id != rt.model.identity:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model mismatch: this prefill daemon serves {rt.model.identity}, "
+                f"the requester serves {request.model_id}",
+            )
         if not 0 <= request.lease_seconds <= MAX_LEASE_SECONDS:  # also refuses NaN
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -150,6 +156,7 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
                 compat_hash=rt.compat_hash,
                 prefill_seconds=seconds,
                 kv_checksum=checksum,
+                model_id=rt.model.identity,
             )
         )
 
