@@ -55,6 +55,9 @@ def test_family_and_config_form_equal_transformers(tmp_path, case):
     cfg, w = load_hf_checkpoint(tmp_path)
     assert cfg.family == case.family and cfg.rope_type == case.rope["rope_type"]
     assert cfg.rope_theta == case.rope["rope_theta"]
+    window = getattr(ref.config, "sliding_window", None)
+    types = getattr(ref.config, "layer_types", None)
+    assert cfg.sliding_window == (None if types and "sliding_attention" not in types else window)
     m = LlamaModel(cfg, w)
     prompt = _prompt(14, i)  # past max_position_embeddings (dynamic), past the window
     want, want_logits = _hf_steps(ref, prompt, 10)

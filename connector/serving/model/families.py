@@ -42,6 +42,8 @@ def _window_qwen(hf: dict) -> int | None:
         "sliding_attention" if i >= int(hf.get("max_window_layers", 0)) else "full_attention"
         for i in range(n)
     ]
+    if "sliding_attention" not in types:
+        return None
     if set(types) != {"sliding_attention"}:
         raise ModelConfigError(
             "config.json mixes sliding-window and full-attention layers; not supported"
