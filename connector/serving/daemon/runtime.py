@@ -60,6 +60,12 @@ def build_tokenizer(cfg: DaemonConfig, model: LlamaModel):
                 f"the model's vocabulary {model.cfg.vocab_size}"
             )
         return tok
+    if cfg.model_path:
+        logging.getLogger(f"kvbridge.{cfg.role}").warning(
+            "no tokenizer.json in the checkpoint: text prompts and streamed text use the "
+            "byte tokenizer (send prompt_token_ids)",
+            extra={"model_path": cfg.model_path},
+        )
     return ByteTokenizer(max(model.cfg.vocab_size, 257))
 
 
