@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from kvbridge.connector.serving.model import LlamaModel, ModelConfig, allocate_cache
 from kvbridge.connector.serving.model.config import ModelConfigError
+from kvbridge.connector.serving.model.identity import same_model
 from kvbridge.connector.serving.model.llama import rms_norm
 from kvbridge.connector.serving.model.weights import load_hf_checkpoint
 from kvbridge.topology.layouts import GQA_LAYOUTS
@@ -169,10 +171,15 @@ def test_model_identity(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     make_checkpoint(a, BY_NAME["llama-default-v5"], seed=1)
     make_checkpoint(b, BY_NAME["llama-default-v5"], seed=2)
-    ids = [LlamaModel(*load_hf_checkpoint(p), name=p.name).identity for p in (a, a, b)]
-    assert ids[0] == ids[1] and ids[0] != ids[2]
+    copy = tmp_path / "copy"
+    shutil.copytree(a, copy)
+    ids = [LlamaModel(*load_hf_checkpoint(p), name=p.name).identity for p in (a, copy, b)]
+    assert ids[0].startswith("a@") and ids[1].startswith("copy@")
+    assert same_model(ids[0], ids[1]) and not same_model(ids[0], ids[2])
+    assert not same_model(ids[0], "") and not same_model("", "")
     base = ModelConfig(num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16)
     same = [LlamaModel.random(base).identity, LlamaModel.random(base).identity]
     seed = LlamaModel.random(ModelConfig(**{**base.to_dict(), "seed": 1})).identity
     hidden = LlamaModel.random(ModelConfig(**{**base.to_dict(), "hidden_size": 48})).identity
     assert same[0] == same[1] and len({same[0], seed, hidden}) == 3
+    assert not same_model(same[0], seed) and not same_model(same[0], hidden)

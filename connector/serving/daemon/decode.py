@@ -31,6 +31,7 @@ from kvbridge.connector.serving.daemon.pull import PullError
 from kvbridge.connector.serving.daemon.runtime import DaemonRuntime
 from kvbridge.connector.serving.daemon.states import RequestRecord, RequestState
 from kvbridge.connector.serving.model import blocks_needed
+from kvbridge.connector.serving.model.identity import same_model
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 
@@ -52,7 +53,7 @@ class RequestFailedError(Exception):
 
 def check_peer_model(model, h: pb.KVHandle, target: str) -> None:
     """Refuse KV from another model, and a first token outside our vocabulary."""
-    if h.model_id != model.identity:
+    if not same_model(h.model_id, model.identity):
         raise RequestFailedError(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"model mismatch: prefill {target} serves {h.model_id or 'an unnamed model'}, "

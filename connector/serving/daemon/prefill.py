@@ -18,6 +18,7 @@ from kvbridge.connector.serving.daemon.leases import Lease, LeaseTable
 from kvbridge.connector.serving.daemon.runtime import DaemonRuntime
 from kvbridge.connector.serving.daemon.states import RequestState
 from kvbridge.connector.serving.model import blocks_needed
+from kvbridge.connector.serving.model.identity import same_model
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 
@@ -92,7 +93,7 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
             )
         tokens = list(request.prompt_token_ids)
         check_tokens(tokens, rt.model.cfg.vocab_size, context)
-        if request.model_id and request.model_id != rt.model.identity:
+        if request.model_id and not same_model(request.model_id, rt.model.identity):
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"model mismatch: this prefill daemon serves {rt.model.identity}, "

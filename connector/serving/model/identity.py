@@ -47,3 +47,9 @@ def model_digest(cfg: ModelConfig, w: ModelWeights) -> str:
 def model_identity(name: str, cfg: ModelConfig, w: ModelWeights) -> str:
     """``NAME@DIGEST16``: readable in errors, exact in comparisons."""
     return f"{name}@{model_digest(cfg, w)[:16]}"
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two identities name the same model: the digests decide, not the names
+    (one checkpoint in two folders is one model)."""
+    return bool(a) and bool(b) and a.rsplit("@", 1)[-1] == b.rsplit("@", 1)[-1]
