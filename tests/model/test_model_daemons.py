@@ -194,3 +194,38 @@ def test_unsupported_checkpoints_refused_at_startup(tmp_path):
         assert rc == 2, err
         lines = err.strip().splitlines()
         assert len(lines) == 1 and message in lines[0] and lines[0].startswith("kvbridge prefill")
+
+
+@pytest.mark.parametrize(
+    "name,layouts",
+    [
+        ("llama-llama3-v4", (("hnd", 8), ("interleaved", 4))),
+        ("qwen2-v5", (("nhd", 16), ("packed", 8))),
+        ("qwen3-yarn-v4", (("interleaved", 4), ("nhd", 16))),
+    ],
+)
+def test_each_family_through_a_daemon_pair(tmp_path, name, layouts):
+    """Llama (llama3 rope, 4.x form), Qwen2 (biases, tied), Qwen3 (q/k norm, yarn, 4.x form):
+    one prefill/decode pair each (started together), other layout and block size per side."""
+    from hf_checkpoints import make_checkpoint
+
+    torch.set_num_threads(1)
+    ref = make_checkpoint(tmp_path / name, BY_NAME[name], seed=31)
+    port = free_port()
+    model = ("--model-path", str(tmp_path / name))
+    (pl, pbs), (dl, dbs) = layouts
+    prefill = DaemonProcess(
+        "prefill", [*_args(pl, pbs, *model), "--grpc-port", str(port)], tmp_path, name="p"
+    ).start()
+    decode = DaemonProcess(
+        "decode", _args(dl, dbs, *model, "--prefill", f"127.0.0.1:{port}"), tmp_path, name="d"
+    ).start()
+    try:
+        prefill.wait_ready(120)
+        decode.wait_ready(120)
+        stub = pb_grpc.KVBridgeServiceStub(grpc.insecure_channel(decode.target))
+        for prompt in PROMPTS[1:]:
+            g = generate(stub, prompt_token_ids=prompt, max_new_tokens=10, timeout=120)
+            assert g.token_ids == hf_greedy(ref, prompt, 10), decode.log_tail()
+    finally:
+        assert [p.terminate(30) for p in (decode, prefill)] == [0, 0]
