@@ -77,6 +77,12 @@ class DaemonRuntime:
         self.name = cfg.name
         self.log = logging.getLogger(f"kvbridge.{cfg.role}")
         self.model = model or build_model(cfg)
+        mc = self.model.cfg
+        self.log.info(
+            "model loaded",
+            extra={"model": self.model.identity, "family": mc.family, "rope": mc.rope_type,
+                   "sliding_window": mc.sliding_window, "eos": list(mc.eos_token_ids)},
+        )  # fmt: skip
         self.tokenizer = build_tokenizer(cfg, self.model)
         self.stop_ids = frozenset(self.model.cfg.eos_token_ids)  # plus each request's own
         self.cache: KVCache = allocate_cache(
