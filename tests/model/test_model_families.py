@@ -102,8 +102,14 @@ def test_bfloat16_model_matches_transformers(tmp_path):
     want, want_logits = _hf_steps(ref, prompt, 6)
     got, got_logits = _ours(LlamaModel(cfg, w), prompt, 6, "hnd", 4)
     assert got_logits[0].dtype == torch.bfloat16
-    torch.testing.assert_close(got_logits[0].float(), want_logits[0], rtol=0.03, atol=0.05)
-    assert got == want
+    for step, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(
+            got_logits[step].float(), want_logits[step], rtol=0.03, atol=0.05
+        )
+        if a != b:  # only a bf16 near-tie may pick another token (then the paths part)
+            top2 = want_logits[step].topk(2).values
+            assert step > 0 and float(top2[0] - top2[1]) < 0.1, (step, got, want)
+            break
 
 
 def _edit(path, **changes):
