@@ -31,9 +31,9 @@ pytestmark = pytest.mark.skipif(BACKEND is None, reason="no transfer engine inst
 PROMPTS = [[5, 77, 120, 9, 250, 31, 64], list(range(40, 59)), [280, 3, 3, 190, 12, 55, 7, 99, 1]]
 
 
-def _args(layout: str, block_size: int, *extra: str) -> list[str]:
+def _args(layout: str, block_size: int, *extra: str, blocks: int = 48) -> list[str]:
     return [
-        "--backend", BACKEND, "--kv-layout", layout, "--num-blocks", "48",
+        "--backend", BACKEND, "--kv-layout", layout, "--num-blocks", str(blocks),
         "--block-size", str(block_size), "--grpc-port", "0", "--metrics-port", "0",
         "--side-port", str(free_port()), "--insecure", "--transfer-timeout", "20", *extra,
     ]  # fmt: skip
@@ -63,12 +63,12 @@ class Cluster:
             return self.procs[name]
 
         a = ("--model-path", str(self.a_path))
-        self.prefill = start("ckpt-prefill", "prefill", _args("packed", 4, *a))
+        self.prefill = start("ckpt-prefill", "prefill", _args("packed", 4, *a, blocks=256))
         self.emb_prefill = start("emb-prefill", "prefill", _args("nhd", 16))
         self.prefill.wait_ready(120)
         self.emb_prefill.wait_ready(120)
         to_a, to_emb = ("--prefill", self.prefill.target), ("--prefill", self.emb_prefill.target)
-        self.decode = start("ckpt-decode", "decode", _args("hnd", 8, *a, *to_a))
+        self.decode = start("ckpt-decode", "decode", _args("hnd", 8, *a, *to_a, blocks=128))
         self.other = start(
             "other-decode", "decode", _args("hnd", 8, "--model-path", str(self.b_path), *to_a)
         )
@@ -229,3 +229,18 @@ def test_each_family_through_a_daemon_pair(tmp_path, name, layouts):
             assert g.token_ids == hf_greedy(ref, prompt, 10), decode.log_tail()
     finally:
         assert [p.terminate(30) for p in (decode, prefill)] == [0, 0]
+
+
+def test_long_text_prompt_is_measured_in_tokens(cluster):
+    """Text longer in bytes than the cache holds tokens is served when its tokens fit;
+    text whose tokens do not fit is INVALID_ARGUMENT."""
+    stub = cluster.stub(cluster.decode)
+    text = "the quick brown fox jumps over the lazy dog " * 24  # 1056 bytes, ~560 tokens
+    ids = cluster.tok(text)["input_ids"]
+    assert len(text.encode()) > 128 * 8 > len(ids) + 3  # more bytes than the cache holds tokens
+    g = generate(stub, prompt=text, max_new_tokens=3, timeout=120)
+    assert g.token_ids == hf_greedy(cluster.ref, ids, 3)
+    with pytest.raises(grpc.RpcError) as err:
+        generate(stub, prompt="日本語" * 600, max_new_tokens=3, timeout=120)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "needs more blocks than the decode cache" in err.value.details()

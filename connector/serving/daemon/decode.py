@@ -84,16 +84,22 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         request_id = request.request_id or uuid.uuid4().hex
         check_request_id(request_id, context)
         most = cfg.num_blocks * cfg.block_size  # checked before any per-token work
-        given = len(request.prompt_token_ids) or len(request.prompt.encode("utf-8", "replace"))
+        # text: a token holds at most max_bytes_per_token bytes, so longer text cannot fit
+        given = len(request.prompt_token_ids) or -(
+            -len(request.prompt.encode("utf-8", "replace")) // rt.tokenizer.max_bytes_per_token
+        )
+        tokens: list[int] = []
+        if given <= most:
+            tokens = list(request.prompt_token_ids) or (
+                rt.tokenizer.encode(request.prompt) if request.prompt else []
+            )
+            given = len(tokens)
         if given > most:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"prompt of {given} tokens needs more blocks than the decode cache's "
-                f"{cfg.num_blocks} of {cfg.block_size} tokens",
+                f"prompt of {given}{'+' if not tokens else ''} tokens needs more blocks than "
+                f"the decode cache's {cfg.num_blocks} of {cfg.block_size} tokens",
             )
-        tokens = list(request.prompt_token_ids) or (
-            rt.tokenizer.encode(request.prompt) if request.prompt else []
-        )
         check_tokens(tokens, rt.model.cfg.vocab_size, context)
         max_new = request.max_new_tokens
         if not 1 <= max_new <= cfg.max_new_tokens:

@@ -50,6 +50,7 @@ class ByteTokenizer:
     """Token ``b`` (0..255) is byte ``b``; ``256`` is BOS; ids above print as ``<id>``."""
 
     bos_id = BYTE_VOCAB
+    max_bytes_per_token = 1
 
     def __init__(self, vocab_size: int) -> None:
         if vocab_size <= BYTE_VOCAB:
@@ -88,6 +89,10 @@ class HFTokenizer:
     def __init__(self, tokenizer) -> None:
         self.tok = tokenizer
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        # a generous bound of the input bytes one token stands for (a vocab spelling is
+        # usually at least as long; x4 covers normalizers that shorten the text)
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        self.max_bytes_per_token = 4 * max((len(t.encode()) for t in vocab), default=1)
 
     @classmethod
     def from_file(cls, path: str | Path) -> HFTokenizer:
