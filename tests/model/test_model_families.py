@@ -189,3 +189,12 @@ def test_model_identity(tmp_path):
     hidden = LlamaModel.random(ModelConfig(**{**base.to_dict(), "hidden_size": 48})).identity
     assert same[0] == same[1] and len({same[0], seed, hidden}) == 3
     assert not same_model(same[0], seed) and not same_model(same[0], hidden)
+
+
+def test_every_registered_family_and_rope_type_is_tested():
+    from kvbridge.connector.serving.model import FAMILIES
+    from kvbridge.connector.serving.model.rope import ROPE_TYPES
+
+    assert {c.family for c in CASES} == set(FAMILIES)
+    assert {c.rope["rope_type"] for c in CASES} == set(ROPE_TYPES)
+    assert {c.form for c in CASES} == {"v4", "v5"}
