@@ -198,3 +198,12 @@ def test_every_registered_family_and_rope_type_is_tested():
     assert {c.family for c in CASES} == set(FAMILIES)
     assert {c.rope["rope_type"] for c in CASES} == set(ROPE_TYPES)
     assert {c.form for c in CASES} == {"v4", "v5"}
+
+
+def test_identity_samples_large_tensors_to_their_last_element():
+    from kvbridge.connector.serving.model.identity import SAMPLES, _sample
+
+    t = torch.zeros(2**25 + 7, dtype=torch.bfloat16)  # float positions would round past the end
+    t[-1] = 5
+    got = torch.frombuffer(bytearray(_sample(t)), dtype=torch.float32)
+    assert got.numel() == SAMPLES and got[-1] == 5 and got[:-1].abs().sum() == 0

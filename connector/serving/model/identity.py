@@ -23,7 +23,10 @@ def _sample(t: torch.Tensor) -> bytes:
     flat = t.detach().reshape(-1)
     n = flat.numel()
     if n > SAMPLES:
-        idx = torch.linspace(0, n - 1, SAMPLES, device=flat.device).round().to(torch.int64)
+        # int64 arithmetic: float positions round past the end for large tensors
+        idx = (
+            torch.arange(SAMPLES, dtype=torch.int64, device=flat.device) * (n - 1) // (SAMPLES - 1)
+        )
         flat = flat[idx]
     return flat.to("cpu", torch.float32).numpy().tobytes()
 
