@@ -60,7 +60,8 @@ class LlamaModel:
         self.dtype = weights.embed.dtype
         self.device = weights.embed.device
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        self._rope = ROPE_TYPES[cfg.rope_type].inv_freq(cfg, 0)
+        inv_freq, rope_scaling = ROPE_TYPES[cfg.rope_type].inv_freq(cfg, 0)
+        self._rope = (inv_freq.to(self.device), rope_scaling)  # computed once, on the device
         self._rope_last: tuple = (None, None, None)
         self.identity = model_identity(name or f"embedded-{cfg.family}", cfg, weights)
 
