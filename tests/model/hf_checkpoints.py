@@ -51,6 +51,8 @@ CASES = [
          "factor": 4.0}, "v4"),
     Case("llama-dynamic-v5", "llama", {"rope_type": "dynamic", "rope_theta": 10000.0,
          "factor": 2.0}, extra={"max_position_embeddings": 12}),
+    Case("llama-dynamic-v4", "llama", {"rope_type": "dynamic", "rope_theta": 10000.0,
+         "factor": 3.0}, "v4", extra={"max_position_embeddings": 10}),
     Case("llama-yarn-v5", "llama", {"rope_type": "yarn", "rope_theta": 10000.0,
          "factor": 4.0, "original_max_position_embeddings": 8},
          extra={"max_position_embeddings": 32}),
@@ -109,7 +111,9 @@ def to_v4_form(config_path: Path) -> None:
     spec = json.loads(config_path.read_text())
     rp = spec.pop("rope_parameters")
     spec["rope_theta"] = rp.pop("rope_theta")
-    if rp.get("rope_type", "default") != "default":
+    if rp.get("rope_type", "default") in ("linear", "dynamic"):  # Llama 2 era: key "type"
+        rp["type"] = rp.pop("rope_type")
+    if rp.get("rope_type", rp.get("type", "default")) != "default":
         spec["rope_scaling"] = rp
     config_path.write_text(json.dumps(spec, indent=2))
 
