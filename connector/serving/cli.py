@@ -34,6 +34,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     p.add_argument("--prompt-tokens", default=None, help="prompt as comma-separated token ids")
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument(
+        "--stop-token-ids",
+        default=None,
+        help="comma-separated token ids that end generation (besides the model's EOS)",
+    )
     p.add_argument("--request-id", default="")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--json", action="store_true", help="print one JSON object per request")
@@ -58,6 +63,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-layout", default="nhd", help="KV layout of the decode daemon")
     p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument(
+        "--stop-token-ids",
+        default=None,
+        help="comma-separated token ids that end generation (besides the model's EOS)",
+    )
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--startup-timeout", type=float, default=60.0)
     p.add_argument("--log-dir", default=None, help="keep the daemons' logs here")

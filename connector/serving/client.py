@@ -52,6 +52,7 @@ def generate(
     timeout: float = 120.0,
     on_tokens=None,
     verify_kv: bool = False,
+    stop_token_ids: list[int] | None = None,
 ) -> Generation:
     """Run one Generate call to the end (``on_tokens(ids, text)`` sees each message)."""
     out = Generation()
@@ -63,6 +64,7 @@ def generate(
             prompt_token_ids=prompt_token_ids or [],
             max_new_tokens=max_new_tokens,
             verify_kv=verify_kv,
+            stop_token_ids=stop_token_ids or [],
         ),
         timeout=timeout,
     )
@@ -74,7 +76,7 @@ def generate(
             out.transfer = msg.transfer
         if msg.finish_reason:
             out.finish_reason = pb.FinishReason.Name(msg.finish_reason)
-        if on_tokens is not None and msg.token_ids:
+        if on_tokens is not None and (msg.token_ids or msg.text):
             on_tokens(list(msg.token_ids), msg.text)
     out.seconds = time.perf_counter() - t0
     return out
@@ -112,6 +114,13 @@ def generate_main(args: argparse.Namespace) -> int:
             )
             return 2
         prompts.append(("", ids))
+    try:
+        stop = [int(x) for x in (args.stop_token_ids or "").split(",") if x.strip()]
+    except ValueError:
+        print(
+            "kvbridge generate: --stop-token-ids must be comma-separated integers", file=sys.stderr
+        )
+        return 2
     if not prompts:
         print("kvbridge generate: give --prompt TEXT or --prompt-tokens IDS", file=sys.stderr)
         return 2
@@ -137,6 +146,7 @@ def generate_main(args: argparse.Namespace) -> int:
                     timeout=args.timeout,
                     on_tokens=stream_cb,
                     verify_kv=args.verify_kv,
+                    stop_token_ids=stop,
                 )
             except grpc.RpcError as exc:
                 print(f"\nkvbridge generate: {exc.code().name}: {exc.details()}", file=sys.stderr)

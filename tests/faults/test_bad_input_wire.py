@@ -253,6 +253,7 @@ def test_crafted_handles_fail_cleanly(crafted, ids, tokens_delta, block_size, le
             block_ids=ids, num_tokens=len(req.prompt_token_ids) + tokens_delta,
             block_size=block_size, lease_seconds_left=lease, backend=t.backend,
             kv_layout=t.kv_layout, compat_hash=t.compat_hash, kv_checksum=checksum,
+            model_id=t.model_id,
         )  # fmt: skip
 
     fake.craft = craft

@@ -229,3 +229,33 @@ def test_byte_tokenizer_round_trip():
     assert tok.decode([104, 299, 105]) == "h<299>i"
     with pytest.raises(ValueError, match="vocab_size"):
         ByteTokenizer(256)
+
+
+def test_detokenizer_never_splits_a_character():
+    tok = ByteTokenizer(300)
+    text = "a é ✓ 日本 🙂!"
+    ids = list(text.encode("utf-8"))
+    det = tok.stream()
+    pieces = [det.push(i) for i in ids]
+    assert "".join(pieces) + det.flush() == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert pieces[ids.index(0xF0)] == ""  # the emoji's first byte alone prints nothing
+    cut = tok.stream()  # a stream ending mid-character flushes a replacement character
+    assert [cut.push(i) for i in "✓".encode()[:2]] == ["", ""] and cut.flush() == "\ufffd"
+
+
+def test_decode_refuses_a_peer_of_another_model_or_vocabulary():
+    import grpc
+    from kvbridge.connector.serving.daemon.decode import RequestFailedError, check_peer_model
+    from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
+
+    m = LlamaModel.random(CFG)
+    check_peer_model(m, pb.KVHandle(model_id=m.identity, first_token_id=CFG.vocab_size - 1), "p")
+    for handle, message in (
+        (pb.KVHandle(model_id="other@00", first_token_id=1), "serves other@00"),
+        (pb.KVHandle(first_token_id=1), "an unnamed model"),
+        (pb.KVHandle(model_id=m.identity, first_token_id=CFG.vocab_size), "outside this model"),
+    ):
+        with pytest.raises(RequestFailedError, match=message) as err:
+            check_peer_model(m, handle, "p")
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION

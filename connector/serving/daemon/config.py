@@ -154,7 +154,12 @@ FLAGS: tuple[Flag, ...] = (
     Flag("intermediate-size", _positive_int, "SwiGLU hidden size"),
     Flag("vocab-size", _positive_int, "vocabulary size (> 256)"),
     Flag("seed", int, "seed of the random model weights"),
-    Flag("model-path", str, "local Hugging Face Llama checkpoint (config.json + safetensors)"),
+    Flag(
+        "model-path",
+        str,
+        "local Hugging Face checkpoint: Llama, Mistral, Qwen2, Qwen3 (config.json, "
+        "safetensors, tokenizer.json)",
+    ),
     Flag("tls-cert", str, "PEM server certificate"),
     Flag("tls-key", str, "PEM private key of --tls-cert"),
     Flag("tls-ca", str, "PEM CA bundle to verify peers"),

@@ -44,6 +44,7 @@ from kvbridge.connector.serving.engine import (
 )
 from kvbridge.connector.serving.engine.metrics import step_recorder
 from kvbridge.connector.serving.model import blocks_needed
+from kvbridge.connector.serving.model.identity import same_model
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 
@@ -56,6 +57,22 @@ Held = list[tuple[list[int], Callable[[], bool]]]
 
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, None: 0}
 LEAVE_WAIT_SECONDS = 30.0  # how long a finished stream waits for the engine to drop its rows
+
+
+def check_peer_model(model, h: pb.KVHandle, target: str) -> None:
+    """Refuse KV from another model, and a first token outside our vocabulary."""
+    if not same_model(h.model_id, model.identity):
+        raise RequestFailedError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"model mismatch: prefill {target} serves {h.model_id or 'an unnamed model'}, "
+            f"this decode daemon {model.identity}",
+        )
+    if not 0 <= h.first_token_id < model.cfg.vocab_size:
+        raise RequestFailedError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"prefill {target} returned token id {h.first_token_id}, outside this model's "
+            f"vocabulary [0, {model.cfg.vocab_size})",
+        )
 
 
 class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
@@ -85,16 +102,22 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         request_id = request.request_id or uuid.uuid4().hex
         check_request_id(request_id, context)
         most = cfg.num_blocks * cfg.block_size  # checked before any per-token work
-        given = len(request.prompt_token_ids) or len(request.prompt.encode("utf-8", "replace"))
+        # text: a token holds at most max_bytes_per_token bytes, so longer text cannot fit
+        given = len(request.prompt_token_ids) or -(
+            -len(request.prompt.encode("utf-8", "replace")) // rt.tokenizer.max_bytes_per_token
+        )
+        tokens: list[int] = []
+        if given <= most:
+            tokens = list(request.prompt_token_ids) or (
+                rt.tokenizer.encode(request.prompt) if request.prompt else []
+            )
+            given = len(tokens)
         if given > most:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"prompt of {given} tokens needs more blocks than the decode cache's "
-                f"{cfg.num_blocks} of {cfg.block_size} tokens",
+                f"prompt of {given}{'+' if not tokens else ''} tokens needs more blocks than "
+                f"the decode cache's {cfg.num_blocks} of {cfg.block_size} tokens",
             )
-        tokens = list(request.prompt_token_ids) or (
-            rt.tokenizer.encode(request.prompt) if request.prompt else []
-        )
         check_tokens(tokens, rt.model.cfg.vocab_size, context)
         max_new = request.max_new_tokens
         if not 1 <= max_new <= cfg.max_new_tokens:
@@ -124,18 +147,21 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 rec, tokens, local, context, held, request.verify_kv
             )
             rt.registry.transition(request_id, RequestState.DECODING)
+            detok = rt.tokenizer.stream()  # text pieces never split a character
             yield pb.GenerateResponse(
                 request_id=request_id,
                 token_ids=[first],
-                text=rt.tokenizer.decode([first]),
+                text=detok.push(first),
                 transfer=info,
             )
             rec.num_generated_tokens = 1
             rt.count_event("tokens_generated")
-            stop = frozenset(request.stop_token_ids)
+            stop = frozenset(request.stop_token_ids) | rt.stop_ids  # plus the checkpoint's EOS
             if first in stop or max_new == 1:
                 reason = pb.FINISH_REASON_STOP if first in stop else pb.FINISH_REASON_LENGTH
-                yield pb.GenerateResponse(request_id=request_id, finish_reason=reason)
+                yield pb.GenerateResponse(
+                    request_id=request_id, text=detok.flush(), finish_reason=reason
+                )
             else:
                 out: queue.SimpleQueue = queue.SimpleQueue()
                 seq = Sequence(
@@ -143,7 +169,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                     emit=lambda toks, fin, err: out.put((toks, fin, err)),
                 )  # fmt: skip
                 self.engine.submit(seq)
-                yield from self._stream(rec, seq, out, context)
+                yield from self._stream(rec, seq, out, context, detok)
             rt.finish(rec, RequestState.DONE)
         except RequestFailedError as exc:
             if rt.finish(rec, RequestState.FAILED, str(exc)) and exc.code == _CANCELLED:
@@ -210,7 +236,11 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         rt, calls = self.rt, self.calls
         prefill_id = f"{rt.name}/{rec.request_id}"
         request = pb.PrefillRequest(
-            request_id=prefill_id, prompt_token_ids=tokens, requester=rt.name, kv_checksum=verify
+            request_id=prefill_id,
+            prompt_token_ids=tokens,
+            requester=rt.name,
+            kv_checksum=verify,
+            model_id=rt.model.identity,
         )
         refused: list[tuple[str, PeerRefused]] = []
 
@@ -261,14 +291,9 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
     ) -> pb.TransferInfo:
         rt, cfg = self.rt, self.rt.cfg
         n_src = len(h.block_ids)
-        if h.block_size != cfg.block_size:
-            raise RequestFailedError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"prefill {target} uses block size {h.block_size}, "
-                f"this decode daemon {cfg.block_size}",
-            )
+        check_peer_model(rt.model, h, target)
         if h.num_tokens != rec.num_prompt_tokens or n_src != blocks_needed(
-            h.num_tokens, h.block_size
+            h.num_tokens, max(h.block_size, 1)
         ):
             raise RequestFailedError(  # a broken peer: its failure, not ours
                 grpc.StatusCode.UNAVAILABLE,
@@ -284,7 +309,9 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         # all attempts together, within the lease and the client's deadline
         client_left = remaining(context, cfg.transfer_timeout)
         until = min(deadline, time.monotonic() + client_left)
-        dst = local[:n_src]
+        dst = local[: blocks_needed(h.num_tokens, cfg.block_size)]
+        # another block size: a token-space plan (only the prompt's tokens move)
+        num_tokens = int(h.num_tokens) if h.block_size != cfg.block_size else None
 
         def aborted() -> bool:
             return rec.request_id in self._aborted or not context.is_active()
@@ -301,7 +328,9 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                     else "the client's deadline passed before the KV pull",
                 )
             try:
-                result = self.endpoint.puller.pull(h, dst, timeout=budget, aborted=aborted)
+                result = self.endpoint.puller.pull(
+                    h, dst, timeout=budget, aborted=aborted, num_tokens=num_tokens
+                )
                 break
             except PullError as exc:
                 if not exc.aborted:  # a cancellation (counted by Generate) is no failure
@@ -390,7 +419,8 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"verify_kv: prefill {h.engine_name} returned no KV checksum",
             )
-        got = kv_checksum(rt.cache, local[: len(h.block_ids)], int(h.num_tokens))
+        dst = local[: blocks_needed(h.num_tokens, rt.cfg.block_size)]
+        got = kv_checksum(rt.cache, dst, int(h.num_tokens))
         if not hmac.compare_digest(got, h.kv_checksum):
             rt.count_event("corrupt_transfers")
             rt.log.error(
@@ -415,6 +445,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         seq: Sequence,
         out: queue.SimpleQueue,
         context: grpc.ServicerContext,
+        detok,
     ) -> Iterator[pb.GenerateResponse]:
         """Stream what the engine emits for ``seq`` until it finishes."""
         rt, rid = self.rt, rec.request_id
@@ -441,7 +472,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
             yield pb.GenerateResponse(
                 request_id=rid,
                 token_ids=toks,
-                text=rt.tokenizer.decode(toks),
+                text="".join(detok.push(t) for t in toks) + (detok.flush() if finish else ""),
                 finish_reason=FINISH[finish],
             )
             if finish:

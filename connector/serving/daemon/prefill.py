@@ -19,6 +19,7 @@ from kvbridge.connector.serving.daemon.runtime import DaemonRuntime
 from kvbridge.connector.serving.daemon.states import RequestState
 from kvbridge.connector.serving.engine.prefill_batch import prefill_batcher
 from kvbridge.connector.serving.model import blocks_needed
+from kvbridge.connector.serving.model.identity import same_model
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 
@@ -95,6 +96,12 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
             )
         tokens = list(request.prompt_token_ids)
         check_tokens(tokens, rt.model.cfg.vocab_size, context)
+        if request.model_id and not same_model(request.model_id, rt.model.identity):
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model mismatch: this prefill daemon serves {rt.model.identity}, "
+                f"the requester serves {request.model_id}",
+            )
         lease_ok = request.lease_seconds == 0 or (
             MIN_LEASE_SECONDS <= request.lease_seconds <= MAX_LEASE_SECONDS  # refuses NaN
         )
@@ -174,6 +181,7 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
                 prefill_seconds=seconds,
                 kv_checksum=checksum,
                 engine_instance=self.instance,
+                model_id=rt.model.identity,
             )
         )
 

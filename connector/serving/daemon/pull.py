@@ -200,8 +200,12 @@ class Puller:
         local_block_ids: list[int],
         timeout: float,
         aborted: Callable[[], bool] | None = None,
+        num_tokens: int | None = None,
     ) -> PullResult:
-        """Read the handle's blocks into ``local_block_ids`` within ``timeout`` seconds."""
+        """Read the handle's blocks into ``local_block_ids`` within ``timeout`` seconds.
+
+        ``num_tokens``: plan in token space (the two caches' block sizes differ).
+        """
         deadline = time.monotonic() + timeout
         agent, engine = self.agent, handle.engine_name
         try:
@@ -210,7 +214,7 @@ class Puller:
             )
             pending = agent.post_read(
                 peer, list(handle.block_ids), local_block_ids,
-                request_id=handle.request_id, notify=True,
+                request_id=handle.request_id, notify=True, num_tokens=num_tokens,
             )  # fmt: skip
         except IncompatiblePeerError as exc:  # refused: nothing was posted
             raise PullError(f"{type(exc).__name__}: {exc}", permanent=True) from None

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 import torch
 from kvbridge.connector.serving.daemon.allocator import BlockAllocator
-from kvbridge.connector.serving.daemon.config import DaemonConfig
+from kvbridge.connector.serving.daemon.config import ConfigError, DaemonConfig
 from kvbridge.connector.serving.daemon.guard import GuardBands
 from kvbridge.connector.serving.daemon.metrics import DaemonMetrics
 from kvbridge.connector.serving.daemon.quarantine import Quarantine
@@ -18,6 +19,8 @@ from kvbridge.connector.serving.model import (
     allocate_cache,
     load_hf_checkpoint,
 )
+from kvbridge.connector.serving.model.config import ModelConfigError
+from kvbridge.connector.serving.model.tokenizer import HFTokenizer
 from kvbridge.connector.serving.model.weights import random_weights
 from kvbridge.topology.layouts import KVCache
 
@@ -25,14 +28,45 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def build_model(cfg: DaemonConfig) -> LlamaModel:
-    """The model of ``cfg``: a local checkpoint when ``model_path`` is set, else seeded random."""
+    """The model of ``cfg``: a local checkpoint when ``model_path`` is set, else seeded random.
+
+    A checkpoint the model cannot serve exactly is a ``ConfigError`` (one line, exit 2).
+    """
     dtype = DTYPES[cfg.dtype]
+    try:
+        if cfg.model_path:
+            mcfg, weights = load_hf_checkpoint(cfg.model_path, dtype, cfg.device)
+            name = Path(cfg.model_path).resolve().name
+        else:
+            mcfg = cfg.model_config()
+            weights = random_weights(mcfg, dtype, cfg.device)
+            name = f"embedded-seed{mcfg.seed}"
+    except ModelConfigError as exc:
+        where = f"--model-path {cfg.model_path}: " if cfg.model_path else ""
+        raise ConfigError(f"{where}{exc}") from None
+    return LlamaModel(mcfg, weights, attention_backend=cfg.attention_backend, name=name)
+
+
+def build_tokenizer(cfg: DaemonConfig, model: LlamaModel):
+    """The checkpoint's ``tokenizer.json`` with ``--model-path``; the byte tokenizer else."""
+    if cfg.model_path and (Path(cfg.model_path) / "tokenizer.json").is_file():
+        try:
+            tok = HFTokenizer.from_file(Path(cfg.model_path) / "tokenizer.json")
+        except ModelConfigError as exc:
+            raise ConfigError(f"--model-path {cfg.model_path}: {exc}") from None
+        if tok.vocab_size > model.cfg.vocab_size:
+            raise ConfigError(
+                f"--model-path {cfg.model_path}: tokenizer.json has {tok.vocab_size} tokens, "
+                f"the model's vocabulary {model.cfg.vocab_size}"
+            )
+        return tok
     if cfg.model_path:
-        mcfg, weights = load_hf_checkpoint(cfg.model_path, dtype, cfg.device)
-    else:
-        mcfg = cfg.model_config()
-        weights = random_weights(mcfg, dtype, cfg.device)
-    return LlamaModel(mcfg, weights, attention_backend=cfg.attention_backend)
+        logging.getLogger(f"kvbridge.{cfg.role}").warning(
+            "no tokenizer.json in the checkpoint: text prompts and streamed text use the "
+            "byte tokenizer (send prompt_token_ids)",
+            extra={"model_path": cfg.model_path},
+        )
+    return ByteTokenizer(max(model.cfg.vocab_size, 257))
 
 
 class DaemonRuntime:
@@ -43,7 +77,14 @@ class DaemonRuntime:
         self.name = cfg.name
         self.log = logging.getLogger(f"kvbridge.{cfg.role}")
         self.model = model or build_model(cfg)
-        self.tokenizer = ByteTokenizer(max(self.model.cfg.vocab_size, 257))
+        mc = self.model.cfg
+        self.log.info(
+            "model loaded",
+            extra={"model": self.model.identity, "family": mc.family, "rope": mc.rope_type,
+                   "sliding_window": mc.sliding_window, "eos": list(mc.eos_token_ids)},
+        )  # fmt: skip
+        self.tokenizer = build_tokenizer(cfg, self.model)
+        self.stop_ids = frozenset(self.model.cfg.eos_token_ids)  # plus each request's own
         self.cache: KVCache = allocate_cache(
             self.model, cfg.kv_layout, cfg.num_blocks, cfg.block_size
         )

@@ -170,7 +170,8 @@ class PrefillBatcher:
                 if window is not None:
                     seen &= kp > qp - window
                 scores = scores.masked_fill(~seen, float("-inf"))
-                outs.append((torch.softmax(scores, dim=-1) @ vh.transpose(0, 1)).transpose(0, 1))
+                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(qh.dtype)
+                outs.append((probs @ vh.transpose(0, 1)).transpose(0, 1))  # fp32 softmax
                 start += n
             x = model._mlp_residual(x, torch.cat(outs), i)
         ends = torch.tensor(

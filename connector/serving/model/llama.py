@@ -1,10 +1,15 @@
-"""Llama-style decoder (RMSNorm, RoPE, GQA attention, SwiGLU) over a paged KV cache.
+"""The decoder of every supported family over a paged KV cache (one code path).
 
-The K/V of layer ``i`` live in ``cache.kv(f"layer{i}")``: two logical
+Llama, Mistral, Qwen2 and Qwen3 differ only in switches of ``ModelConfig`` (set by
+``families.py``): attention biases, q/k RMSNorm, sliding window, rope type. The K/V
+of layer ``i`` live in ``cache.kv(f"layer{i}")``: two logical
 ``(num_blocks, block_size, num_kv_heads, head_dim)`` views of any layout in
 ``kvbridge.topology.layouts``. Prefill writes them in place through the views
 (never a copy of the cache); decode appends one token and attends with
 ``kvbridge.kernels.paged_decode`` over the views as they are.
+
+Numerics follow transformers: RMSNorm and softmax accumulate in float32 and cast
+back; rope tables are computed in float32 and cast to the model dtype.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 from kvbridge.connector.serving.model.config import ModelConfig
+from kvbridge.connector.serving.model.identity import model_identity
+from kvbridge.connector.serving.model.rope import ROPE_TYPES, apply_rope, rope_tables
 from kvbridge.connector.serving.model.weights import ModelWeights, random_weights
 from kvbridge.topology.layouts import KVCache
 
@@ -24,30 +31,28 @@ def layer_name(i: int) -> str:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    var = x.pow(2).mean(-1, keepdim=True)
-    return x * torch.rsqrt(var + eps) * weight
+    """RMSNorm accumulated in float32, cast back, then scaled (transformers' order)."""
+    xf = x.to(torch.float32)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half convention of Hugging Face Llama).
-
-    ``x`` is ``(T, heads, head_dim)``, ``positions`` ``(T,)`` int64.
-    """
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d))
-    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos()[:, None, :].to(x.dtype), emb.sin()[:, None, :].to(x.dtype)
-    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos + rotated * sin
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return torch.nn.functional.linear(x, w, b)
 
 
 class LlamaModel:
-    """Greedy-decoding Llama-style model; stateless apart from the caller's paged cache."""
+    """Greedy-decoding model of any family; stateless apart from the caller's paged cache.
+
+    ``identity`` (``NAME@DIGEST``) names the config and weights; daemons compare it.
+    """
 
     def __init__(
-        self, cfg: ModelConfig, weights: ModelWeights, attention_backend: str = "auto"
+        self,
+        cfg: ModelConfig,
+        weights: ModelWeights,
+        attention_backend: str = "auto",
+        name: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.w = weights
@@ -55,6 +60,10 @@ class LlamaModel:
         self.dtype = weights.embed.dtype
         self.device = weights.embed.device
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        inv_freq, rope_scaling = ROPE_TYPES[cfg.rope_type].inv_freq(cfg, 0)
+        self._rope = (inv_freq.to(self.device), rope_scaling)  # computed once, on the device
+        self._rope_last: tuple = (None, None, None)
+        self.identity = model_identity(name or f"embedded-{cfg.family}", cfg, weights)
 
     @classmethod
     def random(
@@ -93,22 +102,38 @@ class LlamaModel:
             raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size})")
 
     # ----------------------------------------------------------------- helpers
+    def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of ``positions``; reused while the caller passes the same tensor."""
+        last, cos, sin = self._rope_last
+        if last is not positions:
+            cos, sin = rope_tables(self.cfg, positions, self.dtype, self._rope)
+            self._rope_last = (positions, cos, sin)
+        return cos, sin
+
     def _qkv(
         self, x: torch.Tensor, i: int, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``(T, Hq, D)``, k and v ``(T, Hkv, D)`` of layer ``i`` (rope applied)."""
         cfg, lw = self.cfg, self.w.layers[i]
         h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)
         t = x.shape[0]
-        q = (h @ lw.wq.T).view(t, cfg.num_heads, cfg.head_dim)
-        k = (h @ lw.wk.T).view(t, cfg.num_kv_heads, cfg.head_dim)
-        v = (h @ lw.wv.T).view(t, cfg.num_kv_heads, cfg.head_dim)
-        return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
+        q = _linear(h, lw.wq, lw.bq).view(t, cfg.num_heads, cfg.head_dim)
+        k = _linear(h, lw.wk, lw.bk).view(t, cfg.num_kv_heads, cfg.head_dim)
+        v = _linear(h, lw.wv, lw.bv).view(t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
+        cos, sin = self._rope_tables(positions)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def _mlp_residual(self, x: torch.Tensor, attn: torch.Tensor, i: int) -> torch.Tensor:
         cfg, lw = self.cfg, self.w.layers[i]
-        x = x + attn.reshape(x.shape[0], -1) @ lw.wo.T
+        x = x + _linear(attn.reshape(x.shape[0], -1), lw.wo, lw.bo)
         h = rms_norm(x, lw.post_norm, cfg.rms_norm_eps)
-        return x + (torch.nn.functional.silu(h @ lw.w_gate.T) * (h @ lw.w_up.T)) @ lw.w_down.T
+        act = torch.nn.functional.silu(_linear(h, lw.w_gate, lw.b_gate)) * _linear(
+            h, lw.w_up, lw.b_up
+        )
+        return x + _linear(act, lw.w_down, lw.b_down)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.w.norm, self.cfg.rms_norm_eps) @ self.w.lm_head.T
@@ -136,7 +161,9 @@ class LlamaModel:
         positions = torch.arange(t, dtype=torch.int64, device=self.device)
         blk, slot = blocks[positions // bs], positions % bs
         group = cfg.num_heads // cfg.num_kv_heads
-        causal = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
+        visible = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
+        if cfg.sliding_window is not None:  # query p sees keys p - window < j <= p
+            visible = visible.triu(1 - cfg.sliding_window)
         x = self.w.embed[tokens]
         for i in range(cfg.num_layers):
             q, k, v = self._qkv(x, i, positions)
@@ -146,8 +173,9 @@ class LlamaModel:
             kh = k.repeat_interleave(group, dim=1).transpose(0, 1)  # (Hq, T, D)
             vh = v.repeat_interleave(group, dim=1).transpose(0, 1)
             scores = (q.transpose(0, 1) @ kh.transpose(1, 2)) * self.scale
-            scores = scores.masked_fill(~causal, float("-inf"))
-            attn = torch.softmax(scores, dim=-1) @ vh  # (Hq, T, D)
+            scores = scores.masked_fill(~visible, float("-inf"))
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            attn = probs @ vh  # (Hq, T, D)
             x = self._mlp_residual(x, attn.transpose(0, 1), i)
         return self._logits(x[-1:])[0]
 
@@ -199,6 +227,7 @@ class LlamaModel:
                 seq_lens,
                 scale=self.scale,
                 backend=self.attention_backend,
+                window=cfg.sliding_window,
             )
             x = self._mlp_residual(x, attn, i)
         return self._logits(x)

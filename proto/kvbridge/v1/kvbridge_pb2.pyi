@@ -41,18 +41,20 @@ FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "requester", "lease_seconds", "kv_checksum")
+    __slots__ = ("request_id", "prompt_token_ids", "requester", "lease_seconds", "kv_checksum", "model_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     KV_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     requester: str
     lease_seconds: float
     kv_checksum: bool
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., requester: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., kv_checksum: _Optional[bool] = ...) -> None: ...
+    model_id: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., requester: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., kv_checksum: _Optional[bool] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("handle",)
@@ -61,7 +63,7 @@ class PrefillResponse(_message.Message):
     def __init__(self, handle: _Optional[_Union[KVHandle, _Mapping]] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("request_id", "engine_name", "side_channel_address", "block_ids", "num_tokens", "block_size", "lease_expiry_unix_ms", "lease_seconds_left", "first_token_id", "backend", "kv_layout", "compat_hash", "prefill_seconds", "kv_checksum", "engine_instance")
+    __slots__ = ("request_id", "engine_name", "side_channel_address", "block_ids", "num_tokens", "block_size", "lease_expiry_unix_ms", "lease_seconds_left", "first_token_id", "backend", "kv_layout", "compat_hash", "prefill_seconds", "kv_checksum", "engine_instance", "model_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_NAME_FIELD_NUMBER: _ClassVar[int]
     SIDE_CHANNEL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +79,7 @@ class KVHandle(_message.Message):
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     KV_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     ENGINE_INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     engine_name: str
     side_channel_address: str
@@ -92,7 +95,8 @@ class KVHandle(_message.Message):
     prefill_seconds: float
     kv_checksum: str
     engine_instance: str
-    def __init__(self, request_id: _Optional[str] = ..., engine_name: _Optional[str] = ..., side_channel_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., lease_expiry_unix_ms: _Optional[int] = ..., lease_seconds_left: _Optional[float] = ..., first_token_id: _Optional[int] = ..., backend: _Optional[str] = ..., kv_layout: _Optional[str] = ..., compat_hash: _Optional[str] = ..., prefill_seconds: _Optional[float] = ..., kv_checksum: _Optional[str] = ..., engine_instance: _Optional[str] = ...) -> None: ...
+    model_id: str
+    def __init__(self, request_id: _Optional[str] = ..., engine_name: _Optional[str] = ..., side_channel_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., lease_expiry_unix_ms: _Optional[int] = ..., lease_seconds_left: _Optional[float] = ..., first_token_id: _Optional[int] = ..., backend: _Optional[str] = ..., kv_layout: _Optional[str] = ..., compat_hash: _Optional[str] = ..., prefill_seconds: _Optional[float] = ..., kv_checksum: _Optional[str] = ..., engine_instance: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt", "prompt_token_ids", "max_new_tokens", "stop_token_ids", "verify_kv", "temperature", "top_p", "top_k", "seed")
