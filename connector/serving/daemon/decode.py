@@ -26,6 +26,7 @@ import torch
 from kvbridge.connector.serving.daemon.allocator import OutOfBlocksError
 from kvbridge.connector.serving.daemon.checksum import kv_checksum
 from kvbridge.connector.serving.daemon.common import check_request_id, check_tokens, stats_response
+from kvbridge.connector.serving.daemon.latency import LatencyMetrics
 from kvbridge.connector.serving.daemon.prefill_pool import PrefillPool
 from kvbridge.connector.serving.daemon.pull import PullError
 from kvbridge.connector.serving.daemon.runtime import DaemonRuntime
@@ -58,12 +59,14 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         self.endpoint = endpoint
         self.pool = pool
         self._aborted: set[str] = set()
+        self.latency = LatencyMetrics(rt.metrics.registry, rt.cfg.role)
 
     # -------------------------------------------------------------- Generate
     def Generate(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateResponse]:
         rt, cfg = self.rt, self.rt.cfg
+        timer = self.latency.start()
         request_id = request.request_id or uuid.uuid4().hex
         check_request_id(request_id, context)
         most = cfg.num_blocks * cfg.block_size  # checked before any per-token work
@@ -105,24 +108,31 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                     grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode cache full: {exc}"
                 ) from None
             rec.num_blocks = n_local
+            timer.admitted()
             info, first = self._prefill_and_pull(
                 rec, tokens, local, context, held, request.verify_kv
             )
             rt.registry.transition(request_id, RequestState.DECODING)
-            yield pb.GenerateResponse(
+            msg = pb.GenerateResponse(
                 request_id=request_id,
                 token_ids=[first],
                 text=rt.tokenizer.decode([first]),
                 transfer=info,
             )
-            yield from self._decode(
+            timer.observe(msg)
+            yield msg
+            for msg in self._decode(
                 rec, tokens, first, max_new, set(request.stop_token_ids), local, context
-            )
+            ):
+                timer.observe(msg)
+                yield msg
             rt.finish(rec, RequestState.DONE)
         except RequestFailedError as exc:
+            timer.fail(exc.code)
             rt.finish(rec, RequestState.FAILED, str(exc))
             context.abort(exc.code, str(exc))
         except GeneratorExit:  # the client went away mid-stream
+            timer.fail()
             rt.finish(rec, RequestState.FAILED, "cancelled by the client")
             raise
         except Exception as exc:
@@ -130,6 +140,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 rt.log.exception("generate failed", extra={"request_id": request_id})
             raise
         finally:
+            timer.finish()
             self._free(rec, local, held)
             self._aborted.discard(request_id)
 
