@@ -60,6 +60,8 @@ class Daemon:
                 continue
             args.append(f"{flag}{eq}{value}")
         args += [f"--prefill={t}" for t in prefill or []]
+        if role == "decode" and not any(a.startswith("--http-port") for a in args):
+            args.append("--http-port=0")  # the HTTP API's default port may be taken here
         self.ready_file = tmp / f"{role}.ready.json"
         args.append(f"--ready-file={self.ready_file}")
         env = {k: v for k, v in os.environ.items() if not k.startswith("KVBRIDGE_")}
