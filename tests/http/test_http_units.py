@@ -258,3 +258,25 @@ def test_app_maps_daemon_failures_and_streams_errors():
     assert r["choices"][0]["text"] == "xy" and r["choices"][0]["finish_reason"] == "stop"
     assert r["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
     assert up.requests[-1].max_new_tokens == 3 and up.requests[-1].request_id == r["id"]
+
+
+def test_a_taken_http_port_is_a_one_line_startup_error(tmp_path: Path):
+    import socket
+    import subprocess
+    import sys
+
+    from kvbridge.connector.serving.procs import free_port
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        res = subprocess.run(
+            [sys.executable, "-m", "kvbridge.connector.serving.cli", "decode", "--insecure",
+             "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--side-port",
+             str(free_port()), "--num-blocks", "8", "--prefill", "127.0.0.1:9",
+             "--http-port", str(port), "--ready-file", str(tmp_path / "ready.json")],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert res.returncode != 0 and not (tmp_path / "ready.json").exists()
+    assert f"cannot bind the HTTP port 127.0.0.1:{port}" in res.stderr.strip().splitlines()[-1]
