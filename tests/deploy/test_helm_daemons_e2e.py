@@ -56,12 +56,12 @@ class Daemon:
                 value = "127.0.0.1"  # loopback only
             elif flag in ("--grpc-port", "--side-port", "--metrics-port"):
                 value = str(self.ports[flag[2:].split("-")[0]])
+            elif flag == "--http-port":
+                value = "0"  # the chart's port may be taken on this machine
             elif flag == "--prefill":
                 continue
             args.append(f"{flag}{eq}{value}")
         args += [f"--prefill={t}" for t in prefill or []]
-        if role == "decode" and not any(a.startswith("--http-port") for a in args):
-            args.append("--http-port=0")  # the HTTP API's default port may be taken here
         self.ready_file = tmp / f"{role}.ready.json"
         args.append(f"--ready-file={self.ready_file}")
         env = {k: v for k, v in os.environ.items() if not k.startswith("KVBRIDGE_")}
