@@ -66,6 +66,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 #: ``kvbridge bench NAME`` runs ``bench/NAME.py`` of the source checkout.
 BENCHMARKS = {
     "transfer": "KV transfer benchmark (NIXL / Mooncake): coalesced vs per-block vs memcpy",
+    "http_api": "HTTP API overhead: streamed requests over gRPC Generate vs the OpenAI HTTP API",
 }
 
 
