@@ -73,11 +73,12 @@ def s(tmp_path_factory):
               str(BLOCK_SIZE), "--metrics-port", "0", "--model-path", str(ckpt),
               "--transfer-timeout", "20", *auth]  # fmt: skip
     pport = free_port()
-    prefill = DaemonProcess("prefill", [*common, "--grpc-port", str(pport), "--side-port",
-                            str(free_port())], tmp, "http-p", client=client)  # fmt: skip
-    decode = DaemonProcess("decode", [*common, "--grpc-port", "0", "--side-port",
-                           str(free_port()), "--prefill", f"127.0.0.1:{pport}"], tmp,
-                           "http-d", client=client)  # fmt: skip
+    # side channels on any free port (bound by the daemon itself: no race with others)
+    prefill = DaemonProcess("prefill", [*common, "--grpc-port", str(pport), "--side-port", "0"],
+                            tmp, "http-p", client=client)  # fmt: skip
+    decode = DaemonProcess("decode", [*common, "--grpc-port", "0", "--side-port", "0",
+                           "--prefill", f"127.0.0.1:{pport}"], tmp, "http-d",
+                           client=client)  # fmt: skip
     procs = [prefill.start(), decode.start()]
     try:
         for p in procs:
@@ -251,7 +252,18 @@ def test_client_disconnect_aborts_the_request_and_frees_its_blocks(s):
 
 
 def test_latency_histograms_cover_every_request(s):
+    before = s.decode.metrics()
+    with s.client.channel(s.decode.target) as ch:  # a gRPC request is measured too
+        stream = pb_grpc.KVBridgeServiceStub(ch).Generate(
+            pb.GenerateRequest(prompt="over gRPC", max_new_tokens=3), timeout=60
+        )
+        assert sum(len(msg.token_ids) for msg in stream) == 3
     m = s.decode.metrics()
+    key = "kvbridge_request_finished_total{finish_reason=length}"
+    assert m[key] == before[key] + 1
+    assert m["kvbridge_inter_token_latency_seconds_count"] == (
+        before["kvbridge_inter_token_latency_seconds_count"] + 2
+    )
     done = sum(v for k, v in m.items() if k.startswith("kvbridge_request_finished_total"))
     assert done >= 10
     assert m["kvbridge_e2e_request_latency_seconds_count"] == done

@@ -280,3 +280,37 @@ def test_a_taken_http_port_is_a_one_line_startup_error(tmp_path: Path):
         )  # fmt: skip
     assert res.returncode != 0 and not (tmp_path / "ready.json").exists()
     assert f"cannot bind the HTTP port 127.0.0.1:{port}" in res.stderr.strip().splitlines()[-1]
+
+
+def test_request_timer_observes_tokens_transfers_and_outcomes():
+    from kvbridge.connector.serving.daemon.latency import LatencyMetrics
+    from prometheus_client import CollectorRegistry
+
+    reg = CollectorRegistry()
+    lat = LatencyMetrics(reg, "decode")
+    value = lambda name, **kw: reg.get_sample_value(name, {"role": "decode", **kw})
+    t = lat.start()
+    t.admitted()
+    first = pb.GenerateResponse(token_ids=[1])
+    first.transfer.prefill_seconds, first.transfer.transfer_seconds = 0.25, 0.125
+    t.observe(first)
+    t.observe(pb.GenerateResponse(token_ids=[2, 3]))  # an engine step of two tokens
+    t.observe(pb.GenerateResponse(finish_reason=pb.FINISH_REASON_LENGTH))
+    t.finish()
+    t.finish()  # idempotent
+    assert value("kvbridge_time_to_first_token_seconds_count") == 1
+    assert value("kvbridge_inter_token_latency_seconds_count") == 2  # one gap per token
+    assert value("kvbridge_request_prefill_time_seconds_sum") == 0.25
+    assert value("kvbridge_request_kv_transfer_time_seconds_sum") == 0.125
+    assert value("kvbridge_request_queue_time_seconds_count") == 1
+    assert value("kvbridge_e2e_request_latency_seconds_count") == 1
+    outcomes = [(None, "abort"), (grpc.StatusCode.CANCELLED, "abort"),
+                (grpc.StatusCode.UNAVAILABLE, "error")]  # fmt: skip
+    for code, _ in outcomes:
+        t = lat.start()
+        t.fail(code)
+        t.finish()
+    lat.start().finish()  # ended without a reason: an error
+    got = {r: value("kvbridge_request_finished_total", finish_reason=r)
+           for r in ("stop", "length", "abort", "error")}  # fmt: skip
+    assert got == {"stop": 0, "length": 1, "abort": 2, "error": 2}

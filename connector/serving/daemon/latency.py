@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 
 import grpc
+from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 # 1 ms .. 60 s: token gaps of a loaded CPU model up to long prompts' first tokens
@@ -28,7 +29,7 @@ LATENCY_BUCKETS = (
     1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 60.0,
 )  # fmt: skip
 FINISH_REASONS = ("stop", "length", "abort", "error")
-_FINISH = {1: "stop", 2: "length"}  # pb.FinishReason values
+_FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 
 
 class LatencyMetrics:
