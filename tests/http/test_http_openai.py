@@ -259,6 +259,9 @@ def test_latency_histograms_cover_every_request(s):
         )
         assert sum(len(msg.token_ids) for msg in stream) == 3
     m = s.decode.metrics()
+    with s.http() as c:  # the API port serves the same /metrics (token needed)
+        text = c.get("/metrics").text
+    assert "kvbridge_time_to_first_token_seconds_bucket" in text and "kvbridge_threads" in text
     key = "kvbridge_request_finished_total{finish_reason=length}"
     assert m[key] == before[key] + 1
     assert m["kvbridge_inter_token_latency_seconds_count"] == (

@@ -46,6 +46,7 @@ class HttpSettings:
     on_refused: Callable[[str, str], None] | None = None  # (path, reason)
     max_model_len: int = 0
     created: int = 0
+    registry: object | None = None  # the daemon's Prometheus registry: GET /metrics
 
 
 class BearerAuth:
@@ -111,6 +112,14 @@ class OpenAIServer:
         if self.s.draining():
             return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    async def metrics(self, request: Request) -> Response:
+        """The daemon's Prometheus metrics (as its metrics port serves them), vLLM-style."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        if self.s.registry is None:
+            raise APIError(404, "no metrics here", code="404")
+        return Response(generate_latest(self.s.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self, request: Request) -> Response:
         card = {"id": self.s.model_name, "object": "model", "created": self.s.created,
@@ -260,6 +269,7 @@ def build_app(settings: HttpSettings) -> Starlette:
         routes=[
             Route("/health", api.health, methods=["GET"]),
             Route("/v1/models", api.models, methods=["GET"]),
+            Route("/metrics", api.metrics, methods=["GET"]),
             Route("/v1/completions", api.completions, methods=["POST"]),
             Route("/v1/chat/completions", api.chat, methods=["POST"]),
         ],

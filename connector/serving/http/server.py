@@ -102,6 +102,7 @@ def start_http(cfg, auth, rt, grpc_port: int) -> HttpServer | None:
         on_refused=refused,
         max_model_len=cfg.num_blocks * cfg.block_size,
         created=int(time.time()),
+        registry=rt.metrics.registry,
     )
     sock = bind(cfg.host, cfg.http_port)
     tls = None if auth.insecure else (cfg.tls_cert, cfg.tls_key)
