@@ -180,6 +180,21 @@ def test_chat_uses_the_checkpoint_template(s):
         c.chat.completions.create(model=MODEL_DIR, messages=[{"role": "robot", "content": "x"}])
 
 
+def test_concurrent_streams_each_get_their_own_tokens(s):
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [f"prompt number {i} " * (i + 1) for i in range(6)]
+
+    def run(i: int) -> str:
+        stream = s.openai().completions.create(model=MODEL_DIR, prompt=prompts[i],
+                                               max_tokens=5 + i, stream=True)  # fmt: skip
+        return "".join(c.choices[0].text for c in stream)
+
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(run, range(6)))
+    assert got == [s.ref.text(p, 5 + i) for i, p in enumerate(prompts)]
+
+
 def test_seed_reproducibility_and_sampling_fields(s):
     c, prompt = s.openai(), "Same seed, same text"
     greedy = [c.completions.create(model=MODEL_DIR, prompt=prompt, max_tokens=8,
