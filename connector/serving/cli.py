@@ -78,6 +78,7 @@ BENCHMARKS = {
     "transfer": "KV transfer benchmark (NIXL / Mooncake): coalesced vs per-block vs memcpy",
     "serve": "serving throughput: closed-loop clients vs a prefill + decode daemon pair",
     "open_streams": "health/Stats/Release latency with hundreds of open Generate streams",
+    "http_api": "HTTP API overhead: streamed requests over gRPC Generate vs the OpenAI HTTP API",
 }
 
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
 import time
+import urllib.request
 
 import grpc
 import torch
 from kvbridge.connector.serving.client import Generation, describe_transfer, generate
+from kvbridge.connector.serving.http.server import EMBEDDED_MODEL_NAME
 from kvbridge.connector.serving.model import (
     ByteTokenizer,
     LlamaModel,
@@ -72,6 +75,27 @@ def start_pair(
     return prefill, decode
 
 
+def http_request(decode: DaemonProcess, prompt: str, max_tokens: int, want: str) -> bool:
+    """One request to the decode daemon's OpenAI-compatible HTTP API (what ``curl`` sends)."""
+    body = {"model": EMBEDDED_MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens}
+    req = urllib.request.Request(
+        f"{decode.http_url}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        out = json.loads(resp.read())
+    text, usage = out["choices"][0]["text"], out["usage"]
+    same = text == want
+    print(
+        f"HTTP POST {decode.http_url}/v1/completions {json.dumps(body)}\n"
+        f"    text {text!r}, usage {usage}: "
+        f"{'same text as Generate' if same else 'DIFFERENT text from Generate'}",
+        flush=True,
+    )
+    return same
+
+
 def run_demo(args: argparse.Namespace) -> int:
     for layout in (args.prefill_layout, args.decode_layout):
         if layout not in GQA_LAYOUTS:
@@ -92,7 +116,7 @@ def run_demo(args: argparse.Namespace) -> int:
     model = LlamaModel.random(ModelConfig())  # the daemons' default model (same seed)
     tok = ByteTokenizer(model.cfg.vocab_size)
     prefill = decode = None
-    matches, results = 0, []
+    matches, results, http_ok, first_text = 0, [], False, ""
     try:
         prefill, decode = start_pair(
             args.backend,
@@ -121,6 +145,7 @@ def run_demo(args: argparse.Namespace) -> int:
                     block_size=args.block_size,
                 )
                 ok = gen.token_ids == ref
+                first_text = gen.text if i == 0 else first_text
                 matches += ok
                 results.append(ok)
                 print(
@@ -129,6 +154,7 @@ def run_demo(args: argparse.Namespace) -> int:
                     f"    transfer   {describe_transfer(gen.transfer)}",
                     flush=True,
                 )
+            http_ok = http_request(decode, prompts[0], args.max_new_tokens, first_text)
             stats = stub.Stats(pb.StatsRequest(), timeout=10)
         c = stats.counters
         print(
@@ -137,7 +163,7 @@ def run_demo(args: argparse.Namespace) -> int:
             f"{c.bytes_transferred} B, {c.descriptors} descriptors, {c.tokens_generated} tokens",
             flush=True,
         )
-    except (grpc.RpcError, RuntimeError, TimeoutError) as exc:
+    except (grpc.RpcError, RuntimeError, TimeoutError, OSError) as exc:
         detail = (
             f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)
         )
@@ -154,4 +180,4 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"total {time.perf_counter() - t_start:.1f}s")
     print(f"{matches}/{len(prompts)} requests match monolithic", flush=True)
     clean_exit = all(code == 0 for code in codes.values())
-    return 0 if matches == len(prompts) and clean_exit else 1
+    return 0 if matches == len(prompts) and http_ok and clean_exit else 1

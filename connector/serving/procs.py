@@ -68,6 +68,8 @@ class DaemonProcess:
             self.name,
             "--ready-file",
             str(self.ready_file),
+            # loopback daemons side by side: a free HTTP port unless the caller picks one
+            *(["--http-port", "0"] if role == "decode" and "--http-port" not in args else []),
             *args,
         ]
         self.proc: subprocess.Popen | None = None
@@ -110,6 +112,12 @@ class DaemonProcess:
     def channel(self):
         """A gRPC channel to the daemon, authenticated like ``client``."""
         return self.client.channel(self.target)
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of a decode daemon's HTTP API (``https`` when it authenticates)."""
+        scheme = "https" if self.client.tls else "http"
+        return f"{scheme}://{self.host}:{self.info['http_port']}"
 
     @property
     def metrics_url(self) -> str:

@@ -90,6 +90,7 @@ def test_daemon_args_parse_and_resolve(value_set: str, role: str, tmp_path: Path
     secured = (cfg.tls_cert, cfg.tls_key, cfg.tls_ca, cfg.auth_token_file, cfg.side_secret_file)
     assert all(secured) != v["auth"]["insecure"]
     if role == "decode":
+        assert cfg.http_port == v["ports"]["http"]
         assert cfg.prefill == arg_values(container(_sts(r, role))["args"], "--prefill")
         assert cfg.prefill_policy == v["decode"]["prefillPolicy"]
     cfg.model_config()  # the model sizes are consistent (heads divisible, even head_dim)

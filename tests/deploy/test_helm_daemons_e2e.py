@@ -56,6 +56,8 @@ class Daemon:
                 value = "127.0.0.1"  # loopback only
             elif flag in ("--grpc-port", "--side-port", "--metrics-port"):
                 value = str(self.ports[flag[2:].split("-")[0]])
+            elif flag == "--http-port":
+                value = "0"  # the chart's port may be taken on this machine
             elif flag == "--prefill":
                 continue
             args.append(f"{flag}{eq}{value}")

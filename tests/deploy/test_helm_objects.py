@@ -80,11 +80,15 @@ def test_decode_finds_every_prefill_pod(value_set: str) -> None:
 def test_ports_agree_everywhere(value_set: str) -> None:
     r = render(value_set)
     ports = r.values["ports"]
-    assert len(set(ports.values())) == 3
+    assert len(set(ports.values())) == 4
     for role in ROLES:
         c = container(_sts(r, role))
         declared = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert declared == ports
+        # the OpenAI-compatible HTTP API is the decode daemons' only
+        assert declared == {k: v for k, v in ports.items() if role == "decode" or k != "http"}
+        assert arg_values(c["args"], "--http-port") == (
+            [str(ports["http"])] if role == "decode" else []
+        )
         assert all(p["protocol"] == "TCP" for p in c["ports"])
         for name, flag in (
             ("grpc", "--grpc-port"),
@@ -96,12 +100,13 @@ def test_ports_agree_everywhere(value_set: str) -> None:
         svc = r.get("Service", _headless(role))
         for p in svc["spec"]["ports"]:
             assert p["targetPort"] in declared and p["port"] == declared[p["targetPort"]]
-        assert {p["name"] for p in svc["spec"]["ports"]} == {"grpc", "side", "metrics"}
+        assert {p["name"] for p in svc["spec"]["ports"]} == set(declared)
     api = r.get("Service", fullname())
     assert api["spec"]["selector"] == role_labels("decode")
     assert api["spec"]["type"] == r.values["service"]["type"]
     assert [(p["name"], p["port"], p["targetPort"]) for p in api["spec"]["ports"]] == [
-        ("grpc", ports["grpc"], "grpc")
+        ("grpc", ports["grpc"], "grpc"),
+        ("http", ports["http"], "http"),
     ]
 
 
@@ -288,5 +293,5 @@ def test_network_policy_names_real_ports(value_set: str) -> None:
             for k in ("app.kubernetes.io/name", "app.kubernetes.io/instance")
         }
         named = {p["port"] for rule in rules[1:] for p in rule["ports"]}
-        assert named <= {"grpc", "metrics"}
+        assert named <= {"grpc", "http", "metrics"}
         assert rules[1]["from"] == v["networkPolicy"]["grpcFrom"]

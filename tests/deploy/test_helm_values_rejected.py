@@ -36,6 +36,7 @@ BAD_VALUES = [
     (["unknownTopLevel=1"], "unknownTopLevel"),
     # template checks (fail with a sentence)
     (["ports.side=50051"], "must be distinct"),
+    (["ports.http=9400"], "must be distinct"),
     (["decode.config.backend=mooncake"], "both roles must use the same transfer backend"),
     (["prefill.replicas=0"], "there is no prefill daemon"),
     (["terminationGracePeriodSeconds=20"], "must exceed the prefill daemons' drain_timeout"),

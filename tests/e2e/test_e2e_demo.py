@@ -24,4 +24,5 @@ def test_demo_prints_matches_and_exits_zero(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert lines[-1] == "2/2 requests match monolithic"
     assert "kv_outer -> packed" in res.stdout and res.stdout.count("MATCH") == 2
+    assert "/v1/completions" in res.stdout and "same text as Generate" in res.stdout
     assert "'demo-prefill': 0, 'demo-decode': 0" in res.stdout

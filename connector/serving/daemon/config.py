@@ -65,6 +65,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _http_port(text: str) -> int:
+    value = int(text)
+    if not -1 <= value <= 65535:
+        raise ValueError(f"port {value} is outside -1..65535 (-1: no HTTP API)")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -104,6 +111,18 @@ FLAGS: tuple[Flag, ...] = (
     Flag("grpc-port", _port, "gRPC control API port (0: pick a free one)"),
     Flag("side-port", _port, "zmq side-channel (handshake) port"),
     Flag("metrics-port", _port, "Prometheus /metrics port (0: pick a free one)"),
+    Flag(
+        "http-port",
+        _http_port,
+        "OpenAI-compatible HTTP API port (0: pick a free one, -1: no HTTP API)",
+        roles=("decode",),
+    ),
+    Flag(
+        "served-model-name",
+        str,
+        "model name of the HTTP API (default: basename of --model-path, else kvbridge-embedded)",
+        roles=("decode",),
+    ),
     Flag("backend", str, "transfer engine", choices=BACKENDS),
     Flag("kv-layout", str, "paged KV cache layout", choices=GQA_LAYOUTS),
     Flag("num-blocks", _positive_int, "KV cache blocks"),
@@ -214,6 +233,8 @@ class DaemonConfig:
     grpc_port: int = 50051
     side_port: int = 5600
     metrics_port: int = 9400
+    http_port: int = 8000
+    served_model_name: str | None = None
     backend: str = DEFAULT_BACKEND
     kv_layout: str = "nhd"
     num_blocks: int = 512

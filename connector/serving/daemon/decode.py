@@ -28,6 +28,7 @@ import grpc
 from kvbridge.connector.serving.daemon.allocator import OutOfBlocksError
 from kvbridge.connector.serving.daemon.checksum import kv_checksum
 from kvbridge.connector.serving.daemon.common import check_request_id, check_tokens, stats_response
+from kvbridge.connector.serving.daemon.latency import LatencyMetrics
 from kvbridge.connector.serving.daemon.peer_calls import PeerCalls, PeerRefused, remaining
 from kvbridge.connector.serving.daemon.prefill_pool import PrefillPool
 from kvbridge.connector.serving.daemon.pull import PullError
@@ -93,12 +94,14 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
             rt.model, rt.cache, max_batch=cfg.max_batch, cuda_graphs=graphs, pad_block=pad,
             on_step=step_recorder(rt.metrics.registry, "decode"),
         ).start()  # fmt: skip
+        self.latency = LatencyMetrics(rt.metrics.registry, rt.cfg.role)
 
     # -------------------------------------------------------------- Generate
     def Generate(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateResponse]:
         rt, cfg = self.rt, self.rt.cfg
+        timer = self.latency.start()
         request_id = request.request_id or uuid.uuid4().hex
         check_request_id(request_id, context)
         most = cfg.num_blocks * cfg.block_size  # checked before any per-token work
@@ -143,25 +146,30 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         try:
             local = self._admit(request_id, n_local, context)
             rec.num_blocks = n_local
+            timer.admitted()
             info, first = self._prefill_and_pull(
                 rec, tokens, local, context, held, request.verify_kv
             )
             rt.registry.transition(request_id, RequestState.DECODING)
             detok = rt.tokenizer.stream()  # text pieces never split a character
-            yield pb.GenerateResponse(
+            msg = pb.GenerateResponse(
                 request_id=request_id,
                 token_ids=[first],
                 text=detok.push(first),
                 transfer=info,
             )
+            timer.observe(msg)
+            yield msg
             rec.num_generated_tokens = 1
             rt.count_event("tokens_generated")
             stop = frozenset(request.stop_token_ids) | rt.stop_ids  # plus the checkpoint's EOS
             if first in stop or max_new == 1:
                 reason = pb.FINISH_REASON_STOP if first in stop else pb.FINISH_REASON_LENGTH
-                yield pb.GenerateResponse(
+                msg = pb.GenerateResponse(
                     request_id=request_id, text=detok.flush(), finish_reason=reason
                 )
+                timer.observe(msg)
+                yield msg
             else:
                 out: queue.SimpleQueue = queue.SimpleQueue()
                 seq = Sequence(
@@ -169,13 +177,17 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                     emit=lambda toks, fin, err: out.put((toks, fin, err)),
                 )  # fmt: skip
                 self.engine.submit(seq)
-                yield from self._stream(rec, seq, out, context, detok)
+                for msg in self._stream(rec, seq, out, context, detok):
+                    timer.observe(msg)
+                    yield msg
             rt.finish(rec, RequestState.DONE)
         except RequestFailedError as exc:
+            timer.fail(exc.code)
             if rt.finish(rec, RequestState.FAILED, str(exc)) and exc.code == _CANCELLED:
                 rt.count_event("cancellations")  # counted apart from failures
             context.abort(exc.code, str(exc))
         except GeneratorExit:  # the client went away mid-stream
+            timer.fail()
             if rt.finish(rec, RequestState.FAILED, "cancelled by the client"):
                 rt.count_event("cancellations")
             raise
@@ -184,6 +196,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 rt.log.exception("generate failed", extra={"request_id": request_id})
             raise
         finally:
+            timer.finish()
             if seq is not None and not seq.left.is_set():
                 self.engine.cancel(request_id, "the stream ended")
                 if not seq.left.wait(LEAVE_WAIT_SECONDS):  # never free blocks still in use

@@ -98,6 +98,9 @@ class Daemon:
         self.metrics_server, self.metrics_port = serve_metrics(
             rt.metrics, cfg.host, cfg.metrics_port
         )
+        from kvbridge.connector.serving.http.server import start_http
+
+        self.http = start_http(cfg, auth, rt, self.grpc_port)  # None: prefill or --http-port -1
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._stopped = threading.Event()
@@ -108,6 +111,7 @@ class Daemon:
             "grpc_port": self.grpc_port,
             "side_port": self.endpoint.side_port,
             "metrics_port": self.metrics_port,
+            "http_port": self.http.port if self.http is not None else None,
             "backend": cfg.backend,
             "kv_layout": cfg.kv_layout,
             "auth": "insecure" if auth.insecure else ("mtls" if auth.mutual_tls else "tls"),
@@ -158,7 +162,8 @@ class Daemon:
             rt.log.warning("drain timed out", extra={"in_flight": rt.registry.num_live})
         # what is left of the drain timeout: calls still running then are cancelled
         grace = max(0.0, timeout - (time.monotonic() - t0))
-        steps = [("grpc server", lambda: self.server.stop(grace=grace).wait(grace + 1.0))]
+        steps = [] if self.http is None else [("http server", self.http.stop)]
+        steps.append(("grpc server", lambda: self.server.stop(grace=grace).wait(grace + 1.0)))
         if self.cfg.role == "prefill":
             steps.append(("lease reaper", self.servicer.leases.stop_reaper))
         steps.append(("metrics server", self._stop_metrics))

@@ -134,8 +134,8 @@ app.kubernetes.io/component: {{ .role }}
 {{/* Checks of values that the schema cannot express. */}}
 {{- define "kvbridge.validate" -}}
 {{- $p := .Values.ports }}
-{{- if or (eq (int $p.grpc) (int $p.side)) (eq (int $p.grpc) (int $p.metrics)) (eq (int $p.side) (int $p.metrics)) }}
-{{- fail (printf "ports: grpc (%v), side (%v) and metrics (%v) must be distinct" $p.grpc $p.side $p.metrics) }}
+{{- if ne (len (uniq (list (int $p.grpc) (int $p.side) (int $p.metrics) (int $p.http)))) 4 }}
+{{- fail (printf "ports: grpc (%v), side (%v), metrics (%v) and http (%v) must be distinct" $p.grpc $p.side $p.metrics $p.http) }}
 {{- end }}
 {{- $pb := (mustMergeOverwrite (deepCopy .Values.config) (deepCopy .Values.prefill.config)).backend }}
 {{- $db := (mustMergeOverwrite (deepCopy .Values.config) (deepCopy .Values.decode.config)).backend }}

@@ -105,6 +105,7 @@ spec:
             - --side-secret-file=/etc/kvbridge/auth/side-secret
             {{- end }}
             {{- if eq $role "decode" }}
+            - --http-port={{ $root.Values.ports.http }}
             {{- range (include "kvbridge.prefillTargets" $root | trim | splitList "\n") }}
             {{- if . }}
             - --prefill={{ . }}
@@ -124,6 +125,11 @@ spec:
             - name: metrics
               containerPort: {{ $root.Values.ports.metrics }}
               protocol: TCP
+            {{- if eq $role "decode" }}
+            - name: http
+              containerPort: {{ $root.Values.ports.http }}
+              protocol: TCP
+            {{- end }}
           env:
             - name: POD_NAME
               valueFrom:
