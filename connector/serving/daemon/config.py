@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from kvbridge.connector.serving.daemon.targets import parse_target
 from kvbridge.connector.serving.model.config import ModelConfig
 from kvbridge.connector.transfer.transport.registry import BACKENDS, DEFAULT_BACKEND
 from kvbridge.kernels import BACKENDS as KERNEL_BACKENDS
@@ -25,6 +26,9 @@ from kvbridge.topology.layouts import GQA_LAYOUTS
 
 ENV_PREFIX = "KVBRIDGE_"
 ROLES = ("prefill", "decode")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+#: the listening ports, bound in this order before the model is built (server.py)
+PORT_FLAGS = ("grpc-port", "side-port", "metrics-port")
 _MODEL = ModelConfig()
 
 
@@ -75,11 +79,8 @@ def _positive_float(text: str) -> float:
 
 
 def _target(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    _port(port)
-    return text
+    parse_target(text)  # HOST:PORT, dns:///HOST:PORT, ipv4:/ipv6: lists
+    return text.strip()
 
 
 def _bool(text: str | bool) -> bool:
@@ -146,11 +147,19 @@ FLAGS: tuple[Flag, ...] = (
     Flag("auth-token-file", str, "file holding the bearer token of the gRPC API"),
     Flag("side-secret-file", str, "file holding the side-channel HMAC secret"),
     Flag("insecure", _bool, "run without TLS and authentication", switch=True),
-    Flag("log-level", str, "log level", choices=("debug", "info", "warning", "error")),
+    Flag("log-level", str, "log level", choices=LOG_LEVELS),
+    Flag(
+        "engine-log-level",
+        str,
+        "log level of the transfer engines and gRPC core (UCX/NIXL, Mooncake glog, "
+        "GRPC_VERBOSITY; variables already set in the environment win)",
+        choices=LOG_LEVELS,
+    ),
     Flag(
         "prefill",
         _target,
-        "prefill daemon HOST:PORT (repeatable)",
+        "prefill daemons: HOST:PORT, dns:///NAME:PORT (every address it resolves to, "
+        "re-resolved) or ipv4:A:PORT,B:PORT (repeatable)",
         roles=("decode",),
         repeat=True,
     ),
@@ -173,7 +182,7 @@ class DaemonConfig:
     host: str = "0.0.0.0"
     advertise_host: str | None = None
     grpc_port: int = 50051
-    side_port: int = 5600
+    side_port: int = 5610  # not 5600: vLLM's NIXL side channel default
     metrics_port: int = 9400
     backend: str = DEFAULT_BACKEND
     kv_layout: str = "nhd"
@@ -209,6 +218,7 @@ class DaemonConfig:
     side_secret_file: str | None = None
     insecure: bool = False
     log_level: str = "info"
+    engine_log_level: str = "warning"
     prefill: list[str] = field(default_factory=list)
     prefill_policy: str = "least-loaded"
 
@@ -234,8 +244,73 @@ class DaemonConfig:
         return self.engine_name or f"{self.role}-{socket.gethostname()}-{os.getpid()}"
 
 
+#: ``--help`` sections of the daemon flags (a flag not listed goes to "other").
+FLAG_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("network", ("host", "advertise-host", "grpc-port", "side-port", "metrics-port")),
+    ("prefill peers (decode)", ("prefill", "prefill-policy", "pull-retries")),
+    (
+        "security",
+        ("tls-cert", "tls-key", "tls-ca", "auth-token-file", "side-secret-file", "insecure"),
+    ),
+    (
+        "transfer and KV cache",
+        (
+            "backend",
+            "kv-layout",
+            "num-blocks",
+            "block-size",
+            "lease-seconds",
+            "transfer-timeout",
+            "engine-name",
+            "engine-drain-seconds",
+            "guard-bytes",
+        ),
+    ),
+    (
+        "model and compute",
+        (
+            "model-path",
+            "device",
+            "dtype",
+            "attention-backend",
+            "torch-threads",
+            "num-layers",
+            "hidden-size",
+            "num-heads",
+            "num-kv-heads",
+            "head-dim",
+            "intermediate-size",
+            "vocab-size",
+            "seed",
+            "max-new-tokens",
+        ),
+    ),
+    (
+        "lifecycle and logging",
+        ("request-timeout", "drain-timeout", "ready-file", "log-level", "engine-log-level"),
+    ),
+)
+
+
+def _argparse_type(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``convert`` whose ``ValueError`` text reaches the user (argparse would say only
+    ``invalid _port value``)."""
+
+    def parse(text: str) -> Any:
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+    parse.__name__ = convert.__name__.strip("_")
+    return parse
+
+
 def add_daemon_arguments(parser: argparse.ArgumentParser, role: str) -> None:
-    """Add ``--config`` and every daemon flag of ``role`` to ``parser``."""
+    """Add ``--config`` and every daemon flag of ``role`` to ``parser``, in help groups."""
+    groups = {title: parser.add_argument_group(title) for title, _ in FLAG_GROUPS}
+    group_of = {name: groups[title] for title, names in FLAG_GROUPS for name in names}
+    other = parser.add_argument_group("other")
     parser.add_argument(
         "--config",
         default=argparse.SUPPRESS,
@@ -245,20 +320,21 @@ def add_daemon_arguments(parser: argparse.ArgumentParser, role: str) -> None:
     for flag in FLAGS:
         if role not in flag.roles:
             continue
+        target = group_of.get(flag.name, other)
         kw: dict[str, Any] = {
             "dest": flag.key,
             "default": argparse.SUPPRESS,
             "help": f"{flag.help} (env {flag.env}; default {defaults[flag.key]!r})",
         }
         if flag.switch:
-            parser.add_argument(f"--{flag.name}", action="store_true", **kw)
+            target.add_argument(f"--{flag.name}", action="store_true", **kw)
             continue
-        kw["type"] = flag.type
+        kw["type"] = _argparse_type(flag.type)
         if flag.choices:
             kw["choices"] = flag.choices
         if flag.repeat:
             kw["action"] = "append"
-        parser.add_argument(f"--{flag.name}", **kw)
+        target.add_argument(f"--{flag.name}", **kw)
 
 
 def _convert(flag: Flag, value: Any, source: str) -> Any:
@@ -340,3 +416,18 @@ def resolve_config(
     if not 0 <= cfg.guard_bytes <= 1 << 30:
         raise ConfigError(f"--guard-bytes must lie in [0, 2**30], got {cfg.guard_bytes}")
     return cfg
+
+
+def check_startup(cfg: DaemonConfig) -> None:
+    """What a daemon needs before it binds a port or builds anything (``ConfigError``):
+    a decode daemon's ``--prefill``, distinct fixed ports."""
+    if cfg.role == "decode" and not cfg.prefill:
+        raise ConfigError(
+            "a decode daemon needs --prefill (HOST:PORT, dns:///NAME:PORT or ipv4:A:P,B:P)"
+        )
+    seen: dict[int, str] = {}
+    for name in PORT_FLAGS:
+        port = getattr(cfg, name.replace("-", "_"))
+        if port and port in seen:
+            raise ConfigError(f"--{name} {port}: the same port as --{seen[port]}")
+        seen[port] = name

@@ -174,6 +174,8 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                         grpc.StatusCode.UNAVAILABLE,
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                     ):
+                        if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                            self.pool.mark_down(target)
                         rt.log.warning(
                             "prefill target refused, trying next",
                             extra={"target": target, "error": last_error},
@@ -293,16 +295,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
             result.descriptors,
             result.seconds,
         )
-        rt.count(
-            transfers=1,
-            bytes_transferred=result.bytes,
-            descriptors=result.descriptors,
-            transfer_seconds=result.seconds,
-        )
-        m = rt.metrics
-        m.transfer_bytes.inc(result.bytes)
-        m.transfer_descriptors.inc(result.descriptors)
-        m.transfer_seconds.observe(result.seconds)
+        rt.count_transfer(result.bytes, result.descriptors, result.seconds)
         rt.log.info(
             "kv pulled",
             extra={
