@@ -16,6 +16,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from kvbridge.connector.serving.daemon.cert_reload import ReloadingCredentials
 from kvbridge.connector.serving.daemon.common import (
     SERVICE_NAME,
     DrainInterceptor,
@@ -58,9 +59,11 @@ class Daemon:
             interceptors=self._interceptors(),
             options=[("grpc.so_reuseport", 0)],  # a second daemon on the port must fail
         )
-        self.listeners = bind_ports(
-            BindContext(cfg, self.server, auth.server_credentials(), metrics.registry)
-        )
+        creds = None
+        if not auth.insecure:  # the certificate files are re-read when they change
+            self.tls = ReloadingCredentials(cfg, auth, logging.getLogger(f"kvbridge.{cfg.role}"))
+            creds = self.tls.credentials
+        self.listeners = bind_ports(BindContext(cfg, self.server, creds, metrics.registry))
         self.grpc_port = self.listeners.ports["grpc-port"]
         self.metrics_port = self.listeners.ports["metrics-port"]
         self.pool = None
