@@ -156,6 +156,10 @@ def _run_daemon(role: str, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHMARKS:
+        # the benchmark's own flags, verbatim (argparse's REMAINDER drops leading options)
+        return _run_bench(argv[1], argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
     command = args.__dict__.pop("command")
