@@ -110,3 +110,12 @@ def test_grouped_help():
         assert ("--prefill" in groups["prefill peers (decode)"]) == (role == "decode")
         help_text = sub[role].format_help()
         assert "network:" in help_text and "model and compute:" in help_text
+
+
+def test_bench_gets_its_flags_verbatim(monkeypatch):
+    from kvbridge.connector.serving import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_run_bench", lambda name, argv: seen.append((name, argv)) or 0)
+    assert cli.main(["bench", "transfer", "--layers", "4", "--quick"]) == 0
+    assert seen == [("transfer", ["--layers", "4", "--quick"])]
