@@ -38,8 +38,15 @@ def test_side_port_default_is_not_vllms():
         assert ports["side"] == 5610
 
 
+SERVICE_NO_SPREAD = (
+    "decode.prefillDiscovery=service",
+    "podAntiAffinity=none",
+    "topologySpread.enabled=false",
+)
+
+
 def test_discovery_service_lists_ready_pods_and_service_mode_dials_every_one():
-    r = render("default", ("decode.prefillDiscovery=service",))
+    r = render("default", SERVICE_NO_SPREAD)
     svc = r.get("Service", f"{fullname()}-prefill-headless")["spec"]
     assert svc["publishNotReadyAddresses"] is False and svc["clusterIP"] == "None"
     args = container(_sts(r, "decode"))["args"]
@@ -78,14 +85,12 @@ def test_soft_anti_affinity_and_spread_by_default_hard_or_none_on_request():
         (spread,) = spec["topologySpreadConstraints"]
         assert spread["whenUnsatisfiable"] == "ScheduleAnyway"
         assert spread["labelSelector"]["matchLabels"] == role_labels(role)
-    hard = _pod(render("default", ("podAntiAffinity=hard",)), "decode")["spec"]["affinity"]
+    r = render("default", ("podAntiAffinity=hard", "prefill.affinity.nodeAffinity.x=1"))
+    hard = _pod(r, "decode")["spec"]["affinity"]
     assert list(hard["podAntiAffinity"]) == ["requiredDuringSchedulingIgnoredDuringExecution"]
-    off = _pod(
-        render("default", ("podAntiAffinity=none", "topologySpread.enabled=false")), "prefill"
-    )
+    assert _pod(r, "prefill")["spec"]["affinity"] == {"nodeAffinity": {"x": 1}}  # its own wins
+    off = _pod(render("default", SERVICE_NO_SPREAD), "prefill")
     assert "affinity" not in off["spec"] and "topologySpreadConstraints" not in off["spec"]
-    own = _pod(render("default", ("prefill.affinity.nodeAffinity.x=1",)), "prefill")["spec"]
-    assert own["affinity"] == {"nodeAffinity": {"x": 1}}  # the role's own wins
 
 
 def test_cert_manager_certificate_replaces_the_generated_secret():
