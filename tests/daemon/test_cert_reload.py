@@ -58,8 +58,30 @@ def test_rotated_certificate_is_served_without_restart(tmp_path, monkeypatch):
         _install(leaf_b.cert, leaf_b.key, cert, key)
         assert _check(port, ca_b.path) and not _check(port, ca_a.path)
         assert reloading.reloads == 1
+        generation, client = reloading.client_source()  # what the prefill pool dials with
+        assert generation == 1 and client.cert == leaf_b.cert.read_bytes()
         # a half-written rotation (key of another certificate) is refused: B stays
         _install(leaf_b.cert, leaf_a.key, cert, key)
         assert _check(port, ca_b.path) and reloading.reloads == 1
     finally:
         server.stop(None)
+
+
+def test_pool_dials_with_new_credentials_and_closes_old_channels_when_idle():
+    from kvbridge.connector.serving.daemon.prefill_pool import PrefillPool
+    from kvbridge.connector.serving.daemon.security import ClientAuth
+
+    pool = PrefillPool(["127.0.0.1:1", "127.0.0.1:2"])
+    try:
+        with pool.use("127.0.0.1:1") as old_stub:
+            old = dict(pool._peers)
+            pool.set_client(ClientAuth(server_name="rotated"))
+            assert pool._client.server_name == "rotated"
+            with pool.use("127.0.0.1:1") as new_stub:
+                assert new_stub is not old_stub
+            assert pool._old == [old["127.0.0.1:1"]]  # in use: kept open
+        with pool._lock:
+            pool._close_idle_old()
+        assert pool._old == [] and pool.targets == ["127.0.0.1:1", "127.0.0.1:2"]
+    finally:
+        pool.close()

@@ -64,6 +64,7 @@ class PrefillPool:
         *,
         on_ready: Callable[[bool], None] | None = None,
         resolver: Resolver | None = None,
+        client_source: Callable[[], tuple[int, ClientAuth]] | None = None,
         resolve_seconds: float = RESOLVE_SECONDS,
         probe_seconds: float = PROBE_SECONDS,
     ) -> None:
@@ -77,9 +78,12 @@ class PrefillPool:
         self._resolver = resolver
         self._resolve_seconds, self._probe_seconds = resolve_seconds, probe_seconds
         self._on_ready = on_ready
+        self._client_source = client_source  # (generation, credentials): rotated certificates
+        self._client_generation = client_source()[0] if client_source else 0
         self._ready: bool | None = None
         self._peers: dict[str, _Peer] = {}  # active addresses, in target order
         self._retired: dict[str, _Peer] = {}  # gone from DNS; closed once idle
+        self._old: list[_Peer] = []  # replaced by new credentials; closed once idle
         self._served: dict[str, int] = {}
         self._rr = itertools.count()
         self._lock = threading.Lock()
@@ -124,6 +128,28 @@ class PrefillPool:
                 if p.load == 0:
                     p.channel.close()
                     del self._retired[a]
+            self._close_idle_old()
+
+    def _close_idle_old(self) -> None:
+        """Close replaced channels whose requests are done (lock held)."""
+        for p in [p for p in self._old if p.load == 0]:
+            p.channel.close()
+            self._old.remove(p)
+
+    def set_client(self, client: ClientAuth) -> None:
+        """Dial with new credentials (a rotated certificate): a new channel per address;
+        the old ones close once their requests are done."""
+        with self._lock:
+            self._client = client
+            self._old += [*self._peers.values(), *self._retired.values()]
+            self._retired.clear()
+            fresh: dict[str, _Peer] = {}
+            for a, p in self._peers.items():
+                ch = self._channel(a, p.target)
+                stub, health = pb_grpc.KVBridgeServiceStub(ch), health_pb2_grpc.HealthStub(ch)
+                fresh[a] = _Peer(a, p.target, ch, stub, health, up=p.up)
+            self._peers = fresh
+            self._close_idle_old()
 
     @property
     def targets(self) -> list[str]:
@@ -176,10 +202,17 @@ class PrefillPool:
         while not self._stop.wait(self._probe_seconds):
             ticks += self._probe_seconds
             try:
+                if self._client_source is not None:
+                    generation, client = self._client_source()
+                    if generation != self._client_generation:
+                        self._client_generation = generation
+                        self.set_client(client)
                 if ticks >= next_resolve and any(t.dynamic for t in self._targets):
                     self.resolve()
                     next_resolve = ticks + self._resolve_seconds
                 self.probe()
+                with self._lock:
+                    self._close_idle_old()
             except Exception:  # keep watching; a failure here must not end readiness updates
                 continue
 
@@ -229,5 +262,5 @@ class PrefillPool:
         if self._thread is not None:
             self._thread.join(5.0)
         with self._lock:
-            for p in [*self._peers.values(), *self._retired.values()]:
+            for p in [*self._peers.values(), *self._retired.values(), *self._old]:
                 p.channel.close()

@@ -108,8 +108,13 @@ class Daemon:
             from kvbridge.connector.serving.daemon.decode import DecodeServicer
             from kvbridge.connector.serving.daemon.prefill_pool import PrefillPool
 
+            tls = getattr(self, "tls", None)
             self.pool = PrefillPool(
-                cfg.prefill, cfg.prefill_policy, client=auth.client(), on_ready=self._prefill_ready
+                cfg.prefill,
+                cfg.prefill_policy,
+                client=auth.client(),
+                on_ready=self._prefill_ready,
+                client_source=tls.client_source if tls is not None else None,
             )
             metrics.prefill_peers_ready.set_function(self.pool.num_ready)
             self.servicer = DecodeServicer(rt, self.endpoint, self.pool)
