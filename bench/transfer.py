@@ -10,10 +10,16 @@ tokens, packed K/V) lives in two processes: a holder (prefill) and this process
   prepared once per peer and indexed per request, as vLLM does; Mooncake: batch
   transfers of those descriptors);
 * **memcpy**: one thread copying the same number of bytes in this process
-  (``ctypes.memmove``), the limit on this machine.
+  (``ctypes.memmove``), the limit on this machine. It runs interleaved with the
+  transfers (one copy after each coalesced/baseline pair), so a machine whose load
+  changes during the run moves the reference with the transfers.
 
-Run: ``python bench/transfer.py [--quick] [--json]`` or ``kvbridge bench transfer ...``
-(the same script). ``--json`` makes the last line a JSON object (see ``_summary``).
+Every figure is the median over ``--repeats`` with its min and max. The engines' own
+logs are quieted to ``--engine-log-level`` (default error) while the progress bar runs.
+
+Run: ``python bench/transfer.py [--quick] [--json] [--plot out.png]`` or
+``kvbridge bench transfer ...`` (the same script). ``--json`` makes the last line a JSON
+object (see ``_summary``); ``--plot`` draws GB/s per request size with min-max bars.
 Results are recorded in bench/README.md ("Transfer").
 """
 
@@ -47,6 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
     p.add_argument("--quick", action="store_true", help="2k tokens, 3 repeats (< 1 minute)")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    p.add_argument("--plot", default=None, help="draw the result into this image (matplotlib)")
+    p.add_argument(
+        "--engine-log-level",
+        default="error",
+        choices=("debug", "info", "warning", "error"),
+        help="log level of the transfer engines (UCX/NIXL, Mooncake) during the run",
+    )
     p.add_argument("--layout", default="packed", help="cache layout (kvbridge.topology.layouts)")
     p.add_argument("--layers", type=int, default=MODEL["num_layers"])
     p.add_argument("--kv-heads", type=int, default=MODEL["num_kv_heads"])
@@ -131,17 +144,29 @@ class Measure:
     baseline_descriptors: int = 0
     seconds: list[float] = field(default_factory=list)
     baseline_seconds: list[float] = field(default_factory=list)
+    memcpy_seconds: list[float] = field(default_factory=list)  # interleaved with the others
     post: list[float] = field(default_factory=list)  # planning + posting, seconds
     baseline_post: list[float] = field(default_factory=list)
 
+    def spread(self, which: str = "seconds") -> tuple[float, float, float]:
+        """GB/s ``(min, median, max)`` over the repeats of ``which`` (a seconds list)."""
+        s = getattr(self, which)
+        if not s or not self.nbytes:
+            return (0.0, 0.0, 0.0)
+        rates = sorted(self.nbytes / t / 1e9 for t in s)
+        return rates[0], statistics.median(rates), rates[-1]
+
     @property
     def gbps(self) -> float:
-        return self.nbytes / statistics.median(self.seconds) / 1e9 if self.seconds else 0.0
+        return self.spread("seconds")[1]
 
     @property
     def baseline_gbps(self) -> float:
-        s = self.baseline_seconds
-        return self.nbytes / statistics.median(s) / 1e9 if s else 0.0
+        return self.spread("baseline_seconds")[1]
+
+    @property
+    def memcpy_gbps(self) -> float:
+        return self.spread("memcpy_seconds")[1]
 
 
 def per_block_descriptors(topo, num_views: int, ids: np.ndarray):
@@ -168,18 +193,20 @@ def per_block_descriptors(topo, num_views: int, ids: np.ndarray):
     )
 
 
-def _memcpy_gbps(nbytes: int, repeats: int) -> float:
-    import torch
+class Memcpy:
+    """One thread's ``memmove`` of ``nbytes`` between two buffers of this process."""
 
-    torch.set_num_threads(1)
-    src = torch.empty(nbytes, dtype=torch.uint8).fill_(7)
-    dst = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
-    times = []
-    for _ in range(repeats):
+    def __init__(self, nbytes: int) -> None:
+        import torch
+
+        self.nbytes = nbytes
+        self.src = torch.empty(nbytes, dtype=torch.uint8).fill_(7)
+        self.dst = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+
+    def __call__(self, m: Measure) -> None:
         t0 = time.perf_counter()
-        ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes)
-        times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times) / 1e9
+        ctypes.memmove(self.dst.data_ptr(), self.src.data_ptr(), self.nbytes)
+        m.memcpy_seconds.append(time.perf_counter() - t0)
 
 
 def _prepped(backend: str) -> bool:
@@ -279,11 +306,14 @@ def _bench_backend(backend: str, cfg: dict, sizes: list[int], repeats: int, bar)
             if conn.recv() != _checksum(cache, agent.topology, dst):
                 raise RuntimeError(f"{backend}: pulled blocks differ from the holder's")
             run.baseline(warm)
+            copy = Memcpy(warm.nbytes)
+            copy(warm)
             bar.update(1)
             m = Measure(backend, tokens)
-            for _ in range(repeats):
+            for _ in range(repeats):  # interleaved: the three see the same machine load
                 run.coalesced(m)
                 run.baseline(m)
+                copy(m)
                 bar.update(1)
             agent.notifications()  # drop our own bookkeeping
             results.append(m)
@@ -301,46 +331,110 @@ def _bench_backend(backend: str, cfg: dict, sizes: list[int], repeats: int, bar)
             proc.kill()
 
 
-def _table(results: list[Measure], memcpy: dict[int, float]) -> str:
+def _fmt(spread: tuple[float, float, float]) -> str:
+    lo, med, hi = spread
+    return f"{med:6.2f} [{lo:5.2f}-{hi:5.2f}]"
+
+
+def _table(results: list[Measure]) -> str:
+    """GB/s as ``median [min-max]`` over the repeats."""
     head = (
         f"{'backend':9} {'tokens':>6} {'MiB':>6} {'plan':>5} {'engine':>6} {'post ms':>7} "
-        f"{'GB/s':>6} | {'base desc':>9} {'post ms':>7} {'GB/s':>6} | {'x base':>6} "
-        f"{'memcpy':>6} {'%memcpy':>7}"
+        f"{'GB/s [min-max]':>20} | {'base desc':>9} {'post ms':>7} {'GB/s [min-max]':>20} | "
+        f"{'x base':>6} {'memcpy [min-max]':>20} {'%memcpy':>7}"
     )
     lines = [head, "-" * len(head)]
     med = statistics.median
     for m in results:
-        mc = memcpy[m.tokens]
         ratio = m.gbps / m.baseline_gbps if m.baseline_gbps else float("nan")
+        share = 100 * m.gbps / m.memcpy_gbps if m.memcpy_gbps else float("nan")
         lines.append(
             f"{m.backend:9} {m.tokens:6d} {m.nbytes / 2**20:6.0f} {m.descriptors:5d} "
-            f"{m.engine_descriptors:6d} {1e3 * med(m.post):7.2f} {m.gbps:6.2f} | "
+            f"{m.engine_descriptors:6d} {1e3 * med(m.post):7.2f} {_fmt(m.spread()):>20} | "
             f"{m.baseline_descriptors:9d} {1e3 * med(m.baseline_post):7.2f} "
-            f"{m.baseline_gbps:6.2f} | {ratio:6.2f} {mc:6.2f} {100 * m.gbps / mc:6.0f}%"
+            f"{_fmt(m.spread('baseline_seconds')):>20} | {ratio:6.2f} "
+            f"{_fmt(m.spread('memcpy_seconds')):>20} {share:6.0f}%"
         )
     return "\n".join(lines)
 
 
-def _summary(results: list[Measure], memcpy: dict[int, float]) -> dict:
-    """The ``--json`` object, for the largest request measured per backend."""
-    out: dict = {"memcpy_gbps": round(memcpy[max(memcpy)], 3), "backends": {}}
+def _summary(results: list[Measure]) -> dict:
+    """The ``--json`` object, for the largest request measured per backend (medians, with
+    ``*_min``/``*_max`` over the repeats)."""
+    largest = max((m for m in results), key=lambda m: m.tokens)
+    lo, mid, hi = largest.spread("memcpy_seconds")
+    out: dict = {
+        "memcpy_gbps": round(mid, 3),
+        "memcpy_gbps_min": round(lo, 3),
+        "memcpy_gbps_max": round(hi, 3),
+        "backends": {},
+    }
     for m in results:
         best = out["backends"].get(m.backend)
         if best is None or m.tokens >= best["_tokens"]:
-            out["backends"][m.backend] = {
-                "gbps": round(m.gbps, 3),
-                "baseline_gbps": round(m.baseline_gbps, 3),
+            entry = {
                 "descriptors": m.engine_descriptors,
                 "baseline_descriptors": m.baseline_descriptors,
                 "_tokens": m.tokens,
             }
+            for key, which in (("gbps", "seconds"), ("baseline_gbps", "baseline_seconds")):
+                lo, mid, hi = m.spread(which)
+                entry |= {
+                    key: round(mid, 3),
+                    f"{key}_min": round(lo, 3),
+                    f"{key}_max": round(hi, 3),
+                }
+            out["backends"][m.backend] = entry
     for v in out["backends"].values():
         v.pop("_tokens")
     return out
 
 
+def plot(results: list[Measure], path: str) -> None:
+    """GB/s per request size: coalesced, baseline and memcpy per backend, min-max bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    series = [("coalesced", "seconds", "-o"), ("per-block", "baseline_seconds", "--s")]
+    for backend in dict.fromkeys(m.backend for m in results):
+        ms = sorted((m for m in results if m.backend == backend), key=lambda m: m.tokens)
+        x = [m.tokens for m in ms]
+        for label, which, style in series:
+            lo, mid, hi = zip(*(m.spread(which) for m in ms), strict=True)
+            err = [[a - b for a, b in zip(mid, lo, strict=True)],
+                   [b - a for a, b in zip(mid, hi, strict=True)]]  # fmt: skip
+            ax.errorbar(x, mid, yerr=err, fmt=style, capsize=3, label=f"{backend} {label}")
+    sizes = sorted({m.tokens for m in results})
+    pooled = [  # every interleaved copy of that size, whichever backend's run it was in
+        Measure("memcpy", t, nbytes=next(m.nbytes for m in results if m.tokens == t),
+                memcpy_seconds=[s for m in results if m.tokens == t for s in m.memcpy_seconds])
+        for t in sizes
+    ]  # fmt: skip
+    ax.plot(sizes, [m.memcpy_gbps for m in pooled], ":k", label="memcpy (1 thread)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("request size (tokens)")
+    ax.set_ylabel("GB/s (median, min-max over repeats)")
+    ax.set_title("KV pull throughput")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _quiet_engines(level: str) -> None:
+    """Engine log levels for this process and the holder it spawns (inherits the env)."""
+    from kvbridge.connector.serving.daemon.logs import setup_engine_logging
+
+    setup_engine_logging(level)
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     sizes = [2048] if args.quick else [int(t) for t in str(args.tokens).split(",") if t]
     repeats = 3 if args.quick else args.repeats
@@ -350,19 +444,22 @@ def run(args: argparse.Namespace) -> int:
         block_size=args.block_size, layout=args.layout, host=args.host, timeout=args.timeout,
         nixl_threads=args.nixl_threads, nixl_split_bytes=args.nixl_split_bytes,
     )  # fmt: skip
+    _quiet_engines(args.engine_log_level)
     total = len(backends) * len(sizes) * (repeats + 1)
     results: list[Measure] = []
-    with tqdm(total=total, desc="bench transfer", unit="step", disable=None) as bar:
+    with (
+        logging_redirect_tqdm(),
+        tqdm(total=total, desc="bench transfer", unit="step", disable=None) as bar,
+    ):
         for backend in backends:
             bar.set_postfix_str(backend)
             results += _bench_backend(backend, cfg, sizes, repeats, bar)
-    memcpy = {m.tokens: 0.0 for m in results}
-    for tokens in memcpy:
-        nbytes = next(m.nbytes for m in results if m.tokens == tokens)
-        memcpy[tokens] = _memcpy_gbps(nbytes, max(repeats, 3))
-    print(_table(results, memcpy))
+    print(_table(results))
+    if args.plot:
+        plot(results, args.plot)
+        print(f"plot: {args.plot}")
     if args.json:
-        print(json.dumps(_summary(results, memcpy)))
+        print(json.dumps(_summary(results)))
     return 0
 
 

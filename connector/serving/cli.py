@@ -11,7 +11,7 @@ import logging
 import os
 import runpy
 import sys
-import traceback
+from importlib import metadata
 from pathlib import Path
 
 from kvbridge.connector.serving.daemon.config import ConfigError, add_daemon_arguments
@@ -115,9 +115,25 @@ def _run_bench(name: str, argv: list[str]) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line naming the flag (``kvbridge decode: error: ...``), exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def version() -> str:
+    """The installed kvbridge version."""
+    try:
+        return metadata.version("kvbridge")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every ``kvbridge`` subcommand."""
-    parser = argparse.ArgumentParser(prog="kvbridge", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="kvbridge", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"kvbridge {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for role, text in (("prefill", "prefill daemon"), ("decode", "decode daemon")):
         add_daemon_arguments(sub.add_parser(role, help=text), role)
@@ -136,14 +152,13 @@ def _run_daemon(role: str, args: argparse.Namespace) -> int:
     rc = 1
     try:
         rc = run_daemon(resolve_config(role, args))
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError) as exc:  # config, credentials, ports: one line
         print(f"kvbridge {role}: error: {exc}", file=sys.stderr)
         rc = 2
-    except OSError as exc:  # a port in use, an address we cannot bind
+    except OSError as exc:  # e.g. an address the engine cannot use
         print(f"kvbridge {role}: error: {exc}", file=sys.stderr)
-    except Exception:
+    except Exception:  # a bug or an engine failure: the traceback, once, in the JSON log
         logging.getLogger(f"kvbridge.{role}").exception("daemon failed")
-        traceback.print_exc()
     finally:
         # Everything is drained and closed; skip interpreter teardown, where the
         # NIXL/UCX library (nixl-cu12 1.5.1) segfaults while unloading.

@@ -43,19 +43,36 @@ def _args(**kw) -> argparse.Namespace:
     return p.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in kw.items()])
 
 
-def test_tiny_run_prints_table_and_json(capsys):
-    args = _args(layers=2, kv_heads=2, head_dim=16, block_size=4, tokens="64,128", repeats=1)
+def test_tiny_run_prints_table_json_and_plot(capsys, tmp_path):
+    png = tmp_path / "transfer.png"
+    args = _args(layers=2, kv_heads=2, head_dim=16, block_size=4, tokens="64,128", repeats=3,
+                 plot=png)  # fmt: skip
     args.json = True
     assert bt.run(args) == 0
     out = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(out[-1])
-    assert set(summary) == {"memcpy_gbps", "backends"} and summary["memcpy_gbps"] > 0
+    assert set(summary) == {"memcpy_gbps", "memcpy_gbps_min", "memcpy_gbps_max", "backends"}
+    assert 0 < summary["memcpy_gbps_min"] <= summary["memcpy_gbps"] <= summary["memcpy_gbps_max"]
     assert set(summary["backends"]) == set(BACKENDS)
     for v in summary["backends"].values():
-        assert set(v) == {"gbps", "baseline_gbps", "descriptors", "baseline_descriptors"}
-        assert v["gbps"] > 0 and v["baseline_gbps"] > 0
+        assert set(v) == {
+            "gbps", "gbps_min", "gbps_max", "baseline_gbps", "baseline_gbps_min",
+            "baseline_gbps_max", "descriptors", "baseline_descriptors",
+        }  # fmt: skip
+        assert 0 < v["gbps_min"] <= v["gbps"] <= v["gbps_max"]
+        assert 0 < v["baseline_gbps_min"] <= v["baseline_gbps"] <= v["baseline_gbps_max"]
         assert v["baseline_descriptors"] == 2 * 2 * 32  # layers x (K, V) x blocks of 128 tokens
     assert any(line.startswith("nixl ") for line in out)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_spread_and_interleaved_memcpy():
+    m = bt.Measure("x", 64, nbytes=10**9, seconds=[1.0, 0.5, 2.0], memcpy_seconds=[0.25])
+    assert m.spread() == (0.5, 1.0, 2.0) and m.gbps == 1.0 and m.memcpy_gbps == 4.0
+    copy = bt.Memcpy(1 << 20)
+    copy(m)
+    assert len(m.memcpy_seconds) == 2 and bool((copy.dst == 7).all())  # it really copied
+    assert bt.Measure("y", 1).spread("baseline_seconds") == (0.0, 0.0, 0.0)
 
 
 def _gpu_bench():

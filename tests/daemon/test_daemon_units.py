@@ -124,19 +124,22 @@ def test_state_machine_allows_only_its_edges():
 def test_prefill_pool_policies():
     from kvbridge.connector.serving.daemon.prefill_pool import PrefillPool
 
-    rr = PrefillPool(["a:1", "b:2", "c:3"], "round-robin")
-    assert [rr.order()[0] for _ in range(4)] == ["a:1", "b:2", "c:3", "a:1"]
-    ll = PrefillPool(["a:1", "b:2", "a:1"], "least-loaded")
-    assert ll.targets == ["a:1", "b:2"]  # duplicates dropped
-    with ll.use("a:1"), ll.use("a:1"):
-        assert [ll.order()[0] for _ in range(3)] == ["b:2"] * 3  # the idle one first
-        with ll.use("b:2"), ll.use("b:2"), ll.use("b:2"):
-            assert ll.order() == ["a:1", "b:2"]
-    assert sorted(ll.order()[0] for _ in range(4)) == ["a:1", "a:1", "b:2", "b:2"]  # ties rotate
-    assert ll.served() == {"a:1": 2, "b:2": 3}
+    a, b, c = "127.0.0.1:1", "127.0.0.2:2", "127.0.0.3:3"
+    rr = PrefillPool([a, b, c], "round-robin")
+    assert [rr.order()[0] for _ in range(4)] == [a, b, c, a]
+    ll = PrefillPool([a, b, a], "least-loaded")
+    assert ll.targets == [a, b]  # duplicates dropped
+    with ll.use(a), ll.use(a):
+        assert [ll.order()[0] for _ in range(3)] == [b] * 3  # the idle one first
+        with ll.use(b), ll.use(b), ll.use(b):
+            assert ll.order() == [a, b]
+    assert sorted(ll.order()[0] for _ in range(4)) == [a, a, b, b]  # ties rotate
+    assert ll.served() == {a: 2, b: 3}
+    ll.mark_down(b)  # unavailable: tried last until a health check says SERVING
+    assert [ll.order()[0] for _ in range(3)] == [a] * 3
     with pytest.raises(ValueError, match="--prefill"):
         PrefillPool([], "round-robin")
     with pytest.raises(ValueError, match="unknown prefill policy"):
-        PrefillPool(["a:1"], "random")
+        PrefillPool([a], "random")
     for pool in (rr, ll):
         pool.close()

@@ -60,8 +60,8 @@ def _chart_credentials(tmp: Path) -> dict[str, Path]:
 
 
 def _probe_command(files: dict[str, Path], port: int) -> list[str]:
-    """The decode daemon's rendered liveness probe, with pod paths mapped to ``files``."""
-    cmd = container(render("default").get("StatefulSet", f"{fullname()}-decode"))["livenessProbe"][
+    """The decode daemon's rendered readiness probe, with pod paths mapped to ``files``."""
+    cmd = container(render("default").get("StatefulSet", f"{fullname()}-decode"))["readinessProbe"][
         "exec"
     ]["command"]
     assert cmd[0] == "kvbridge-healthcheck"

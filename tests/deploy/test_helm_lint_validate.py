@@ -4,7 +4,7 @@ Kubernetes versions: 1.27 (the chart's kubeVersion floor: native gRPC probes are
 there) and the newest kubernetes-validate knows. ServiceMonitor/PodMonitor are CRDs
 (kubernetes-validate has no schema for them): they are validated against
 tests/deploy/schemas/monitoring.coreos.com-v1.json, a strict subset of the Prometheus
-Operator v1 API.
+Operator v1 API; cert-manager's Certificate against cert-manager.io-v1.json likewise.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ from engines import BACKENDS
 
 MIN_KUBE = "1.27.0"
 KUBE_VERSIONS = (MIN_KUBE, kubernetes_validate.latest_version())
-CRD_GROUPS = {"monitoring.coreos.com/v1": "monitoring.coreos.com-v1.json"}
+CRD_GROUPS = {
+    "monitoring.coreos.com/v1": "monitoring.coreos.com-v1.json",
+    "cert-manager.io/v1": "cert-manager.io-v1.json",
+}
 SCHEMAS = Path(__file__).parent / "schemas"
 
 

@@ -45,7 +45,8 @@ def test_replicas_and_stable_names(value_set: str) -> None:
         assert _matches(role_labels(role), pod_labels)
         svc = r.get("Service", _headless(role))
         assert svc["spec"]["clusterIP"] == "None"
-        assert svc["spec"]["publishNotReadyAddresses"] is True
+        # prefill's is the discovery Service: ready pods only
+        assert svc["spec"]["publishNotReadyAddresses"] is (role == "decode")
         assert svc["spec"]["selector"] == role_labels(role)
         assert container(sts)["name"] == role
 
@@ -65,7 +66,7 @@ def test_decode_finds_every_prefill_pod(value_set: str) -> None:
             f"{fullname()}-prefill-{i}.{_headless('prefill')}.{domain}:{port}" for i in range(n)
         ]
     else:
-        ours = [f"{_headless('prefill')}.{domain}:{port}"] if n else []
+        ours = [f"dns:///{_headless('prefill')}.{domain}:{port}"] if n else []
     assert targets == ours + list(v["decode"]["prefillEndpoints"])
     assert targets, "decode needs at least one prefill daemon"
     assert not arg_values(container(_sts(r, "prefill"))["args"], "--prefill")
@@ -145,21 +146,36 @@ def test_probes_use_grpc_health(value_set: str) -> None:
             mode = v["probes"]["mode"]
             if mode == "auto":
                 mode = "grpc" if v["auth"]["insecure"] else "exec"
+            # readiness: takes work; startup and liveness: serves gRPC (also while draining)
+            service = v["probes"]["service" if kind == "readiness" else "livenessService"]
             if mode == "grpc":
-                assert probe["grpc"] == {
-                    "port": v["ports"]["grpc"],
-                    "service": v["probes"]["service"],
-                }
+                assert probe["grpc"] == {"port": v["ports"]["grpc"], "service": service}
                 assert "exec" not in probe
             else:
                 cmd = probe["exec"]["command"]
                 assert cmd[0] == "kvbridge-healthcheck"
                 assert arg_values(cmd, "--target") == [f"127.0.0.1:{v['ports']['grpc']}"]
-                assert arg_values(cmd, "--service") == [v["probes"]["service"]]
+                assert arg_values(cmd, "--service") == [service]
                 if not v["auth"]["insecure"]:
                     assert arg_values(cmd, "--tls-server-name") == [v["probes"]["tlsServerName"]]
                     for flag in ("--tls-ca", "--tls-cert", "--tls-key", "--auth-token-file"):
                         assert arg_values(cmd, flag) == arg_values(c["args"], flag)
+
+
+def _default_affinity(role: str) -> dict:
+    """Soft anti-affinity: pods of a role prefer distinct nodes."""
+    term = {
+        "topologyKey": "kubernetes.io/hostname",
+        "labelSelector": {"matchLabels": role_labels(role)},
+    }
+    return {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 100, "podAffinityTerm": term}]}}  # fmt: skip
+
+
+def _default_spread(role: str) -> list:
+    return [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+             "whenUnsatisfiable": "ScheduleAnyway",
+             "labelSelector": {"matchLabels": role_labels(role)}}]  # fmt: skip
 
 
 @pytest.mark.parametrize("value_set", SETS)
@@ -200,7 +216,10 @@ def test_resources_gpu_rdma_and_security(value_set: str) -> None:
             assert "k8s.v1.cni.cncf.io/networks" not in annotations
         assert pod.get("nodeSelector", {}) == (v[role]["nodeSelector"] or v["nodeSelector"])
         assert pod.get("tolerations", []) == (v[role]["tolerations"] or v["tolerations"])
-        assert pod.get("affinity", {}) == (v[role]["affinity"] or v["affinity"])
+        assert pod["affinity"] == (v[role]["affinity"] or v["affinity"] or _default_affinity(role))
+        assert pod["topologySpreadConstraints"] == (
+            v[role]["topologySpreadConstraints"] or _default_spread(role)
+        )
         assert pod.get("imagePullSecrets", []) == v["imagePullSecrets"]
         image = v["image"]
         want = (

@@ -327,9 +327,10 @@ def test_sigterm_drains_in_flight_and_refuses_new_requests(cluster, reference):
             cluster.log_dir,
             name="clash-prefill",
         ).start()
-        assert clash.proc.wait(60) == 1
-        assert "cannot bind the gRPC port" in clash.log_tail()
-        for i in range(2):  # round robin starts at the dead target once
+        assert clash.proc.wait(60) == 2  # a start-up error: one line naming flag and port
+        port = prefill.info["grpc_port"]
+        assert f"--grpc-port {port}: cannot bind 127.0.0.1:{port}" in clash.log_tail()
+        for i in range(2):  # the dead target is tried last (it fails its health checks)
             g = generate(client.stub, prompt=PROMPTS[i], max_new_tokens=4, timeout=60)
             assert g.token_ids == monolithic(reference, PROMPTS[i], 4)
             assert g.transfer.prefill_target == prefill.target

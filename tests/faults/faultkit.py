@@ -222,6 +222,7 @@ def assert_clean(pair: Pair, timeout: float = 20.0) -> None:
              timeout, "prefill leases ended")  # fmt: skip
     for stub in (d, p):
         assert stats(stub).guard_band_bytes_changed == 0
-    assert healthy(pair.decode) and healthy(pair.prefill)
+    # a decode daemon is ready again once its health check of the prefill passes (~1 s)
+    wait_for(lambda: healthy(pair.decode) and healthy(pair.prefill), timeout, "both ready")
     assert pair.decode.metrics()["kvbridge_blocks_in_use"] == 0
     assert pair.prefill.metrics()["kvbridge_blocks_leased"] == 0

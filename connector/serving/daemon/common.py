@@ -40,7 +40,7 @@ def request_status(rec: RequestRecord, now: float | None = None) -> pb.RequestSt
 def stats_response(
     rt: DaemonRuntime, role: int, include_finished: bool, leased_blocks: int = 0
 ) -> pb.StatsResponse:
-    c, reg = rt.counters, rt.registry.counters
+    c = rt.counters  # read from the Prometheus metrics
     threads = threading.enumerate()
     return pb.StatsResponse(
         role=role,
@@ -60,9 +60,9 @@ def stats_response(
         guard_band_bytes_changed=rt.guard_band_bytes_changed(),
         requests=[request_status(r) for r in rt.registry.snapshot(include_finished)],
         counters=pb.Counters(
-            requests_total=int(reg["requests_total"]),
-            requests_done=int(reg["requests_done"]),
-            requests_failed=int(reg["requests_failed"]),
+            requests_total=int(c["requests_done"] + c["requests_failed"] + rt.registry.num_live),
+            requests_done=int(c["requests_done"]),
+            requests_failed=int(c["requests_failed"]),
             transfers=int(c["transfers"]),
             bytes_transferred=int(c["bytes_transferred"]),
             descriptors=int(c["descriptors"]),

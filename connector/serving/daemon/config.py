@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from kvbridge.connector.serving.daemon.targets import parse_target
 from kvbridge.connector.serving.model.config import ModelConfig
 from kvbridge.connector.transfer.transport.registry import BACKENDS, DEFAULT_BACKEND
 from kvbridge.kernels import BACKENDS as KERNEL_BACKENDS
@@ -26,6 +27,9 @@ from kvbridge.topology.layouts import GQA_LAYOUTS
 
 ENV_PREFIX = "KVBRIDGE_"
 ROLES = ("prefill", "decode")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+#: the listening ports, bound in this order before the model is built (server.py)
+PORT_FLAGS = ("grpc-port", "side-port", "metrics-port", "http-port")
 _MODEL = ModelConfig()
 # part of the default engine name: a restarted daemon is a new peer even where the
 # host name and the PID repeat (PID 1 in a container)
@@ -87,11 +91,8 @@ def _positive_float(text: str) -> float:
 
 
 def _target(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    _port(port)
-    return text
+    parse_target(text)  # HOST:PORT, dns:///HOST:PORT, ipv4:/ipv6: lists
+    return text.strip()
 
 
 def _bool(text: str | bool) -> bool:
@@ -185,7 +186,14 @@ FLAGS: tuple[Flag, ...] = (
     Flag("auth-token-file", str, "file holding the bearer token of the gRPC API"),
     Flag("side-secret-file", str, "file holding the side-channel HMAC secret"),
     Flag("insecure", _bool, "run without TLS and authentication", switch=True),
-    Flag("log-level", str, "log level", choices=("debug", "info", "warning", "error")),
+    Flag("log-level", str, "log level", choices=LOG_LEVELS),
+    Flag(
+        "engine-log-level",
+        str,
+        "log level of the transfer engines and gRPC core (UCX/NIXL, Mooncake glog, "
+        "GRPC_VERBOSITY; variables already set in the environment win)",
+        choices=LOG_LEVELS,
+    ),
     Flag(
         "max-batch",
         _positive_int,
@@ -208,7 +216,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag(
         "prefill",
         _target,
-        "prefill daemon HOST:PORT (repeatable)",
+        "prefill daemons: HOST:PORT, dns:///NAME:PORT (every address it resolves to, "
+        "re-resolved) or ipv4:A:PORT,B:PORT (repeatable)",
         roles=("decode",),
         repeat=True,
     ),
@@ -231,7 +240,7 @@ class DaemonConfig:
     host: str = "0.0.0.0"
     advertise_host: str | None = None
     grpc_port: int = 50051
-    side_port: int = 5600
+    side_port: int = 5610  # not 5600: vLLM's NIXL side channel default
     metrics_port: int = 9400
     http_port: int = 8000
     served_model_name: str | None = None
@@ -270,6 +279,7 @@ class DaemonConfig:
     side_secret_file: str | None = None
     insecure: bool = False
     log_level: str = "info"
+    engine_log_level: str = "warning"
     prefill: list[str] = field(default_factory=list)
     prefill_policy: str = "least-loaded"
     max_batch: int = 64
@@ -300,8 +310,75 @@ class DaemonConfig:
         )
 
 
+#: ``--help`` sections of the daemon flags (a flag not listed goes to "other").
+FLAG_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("network", ("host", "advertise-host", "grpc-port", "side-port", "metrics-port")),
+    ("HTTP API (decode)", ("http-port", "served-model-name")),
+    ("batching and admission", ("max-batch", "max-waiting", "max-requests", "cuda-graphs")),
+    ("prefill peers (decode)", ("prefill", "prefill-policy", "pull-retries")),
+    (
+        "security",
+        ("tls-cert", "tls-key", "tls-ca", "auth-token-file", "side-secret-file", "insecure"),
+    ),
+    (
+        "transfer and KV cache",
+        (
+            "backend",
+            "kv-layout",
+            "num-blocks",
+            "block-size",
+            "lease-seconds",
+            "transfer-timeout",
+            "engine-name",
+            "engine-drain-seconds",
+            "guard-bytes",
+        ),
+    ),
+    (
+        "model and compute",
+        (
+            "model-path",
+            "device",
+            "dtype",
+            "attention-backend",
+            "torch-threads",
+            "num-layers",
+            "hidden-size",
+            "num-heads",
+            "num-kv-heads",
+            "head-dim",
+            "intermediate-size",
+            "vocab-size",
+            "seed",
+            "max-new-tokens",
+        ),
+    ),
+    (
+        "lifecycle and logging",
+        ("request-timeout", "drain-timeout", "ready-file", "log-level", "engine-log-level"),
+    ),
+)
+
+
+def _argparse_type(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``convert`` whose ``ValueError`` text reaches the user (argparse would say only
+    ``invalid _port value``)."""
+
+    def parse(text: str) -> Any:
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+    parse.__name__ = convert.__name__.strip("_")
+    return parse
+
+
 def add_daemon_arguments(parser: argparse.ArgumentParser, role: str) -> None:
-    """Add ``--config`` and every daemon flag of ``role`` to ``parser``."""
+    """Add ``--config`` and every daemon flag of ``role`` to ``parser``, in help groups."""
+    groups = {title: parser.add_argument_group(title) for title, _ in FLAG_GROUPS}
+    group_of = {name: groups[title] for title, names in FLAG_GROUPS for name in names}
+    other = parser.add_argument_group("other")
     parser.add_argument(
         "--config",
         default=argparse.SUPPRESS,
@@ -311,23 +388,24 @@ def add_daemon_arguments(parser: argparse.ArgumentParser, role: str) -> None:
     for flag in FLAGS:
         if role not in flag.roles:
             continue
+        target = group_of.get(flag.name, other)
         kw: dict[str, Any] = {
             "dest": flag.key,
             "default": argparse.SUPPRESS,
             "help": f"{flag.help} (env {flag.env}; default {defaults[flag.key]!r})",
         }
         if flag.switch:
-            parser.add_argument(f"--{flag.name}", action="store_true", **kw)
+            target.add_argument(f"--{flag.name}", action="store_true", **kw)
             continue
         if flag.negatable:
-            parser.add_argument(f"--{flag.name}", action=argparse.BooleanOptionalAction, **kw)
+            target.add_argument(f"--{flag.name}", action=argparse.BooleanOptionalAction, **kw)
             continue
-        kw["type"] = flag.type
+        kw["type"] = _argparse_type(flag.type)
         if flag.choices:
             kw["choices"] = flag.choices
         if flag.repeat:
             kw["action"] = "append"
-        parser.add_argument(f"--{flag.name}", **kw)
+        target.add_argument(f"--{flag.name}", **kw)
 
 
 def _convert(flag: Flag, value: Any, source: str) -> Any:
@@ -413,3 +491,20 @@ def resolve_config(
     if not 0 <= cfg.guard_bytes <= 1 << 30:
         raise ConfigError(f"--guard-bytes must lie in [0, 2**30], got {cfg.guard_bytes}")
     return cfg
+
+
+def check_startup(cfg: DaemonConfig) -> None:
+    """What a daemon needs before it binds a port or builds anything (``ConfigError``):
+    a decode daemon's ``--prefill``, distinct fixed ports."""
+    if cfg.role == "decode" and not cfg.prefill:
+        raise ConfigError(
+            "a decode daemon needs --prefill (HOST:PORT, dns:///NAME:PORT or ipv4:A:P,B:P)"
+        )
+    seen: dict[int, str] = {}
+    for name in PORT_FLAGS:
+        port = getattr(cfg, name.replace("-", "_"))
+        if name == "http-port" and (cfg.role != "decode" or port < 0):
+            continue  # only a decode daemon serves HTTP
+        if port and port in seen:
+            raise ConfigError(f"--{name} {port}: the same port as --{seen[port]}")
+        seen[port] = name

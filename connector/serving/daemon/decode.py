@@ -272,6 +272,8 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 try:
                     resp = calls.prefill(stub, target, request, context)
                 except PeerRefused as exc:
+                    if exc.code == grpc.StatusCode.UNAVAILABLE:
+                        self.pool.mark_down(target)  # tried last until its health is SERVING
                     refused.append((target, exc))
                     continue
                 received = time.monotonic()
@@ -389,16 +391,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
             result.descriptors,
             result.seconds,
         )
-        rt.count(
-            transfers=1,
-            bytes_transferred=result.bytes,
-            descriptors=result.descriptors,
-            transfer_seconds=result.seconds,
-        )
-        m = rt.metrics
-        m.transfer_bytes.inc(result.bytes)
-        m.transfer_descriptors.inc(result.descriptors)
-        m.transfer_seconds.observe(result.seconds)
+        rt.count_transfer(result.bytes, result.descriptors, result.seconds)
         rt.log.info(
             "kv pulled",
             extra={
@@ -480,7 +473,6 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
             if finish == "failed":
                 raise RequestFailedError(grpc.StatusCode.INTERNAL, error or "decode failed")
             rec.num_generated_tokens += len(toks)
-            rt.count(tokens_generated=len(toks))
             rt.metrics.tokens_generated.inc(len(toks))
             yield pb.GenerateResponse(
                 request_id=rid,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import os
 import sys
 import time
 
@@ -42,3 +44,46 @@ def setup_logging(level: str = "info", **static: object) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+
+
+#: what ``--engine-log-level`` sets, per variable and level (a variable already in
+#: the environment is left alone: the operator's explicit choice wins)
+ENGINE_LOG_ENV: dict[str, dict[str, str]] = {
+    "GRPC_VERBOSITY": {"debug": "DEBUG", "info": "INFO", "warning": "ERROR", "error": "ERROR"},
+    "UCX_LOG_LEVEL": {"debug": "debug", "info": "info", "warning": "warn", "error": "error"},
+    "NIXL_LOG_LEVEL": {"debug": "DEBUG", "info": "INFO", "warning": "WARN", "error": "ERROR"},
+    "MC_LOG_LEVEL": {"debug": "TRACE", "info": "INFO", "warning": "WARNING", "error": "ERROR"},
+    "GLOG_minloglevel": {"debug": "0", "info": "0", "warning": "1", "error": "2"},
+}
+#: Python loggers of the engines and gRPC, re-routed to the JSON handler
+ENGINE_LOGGERS = ("nixl", "mooncake", "grpc", "zmq")
+_NIXL_LOGGING = ("nixl.logging", "nixl_cu12.logging")
+
+
+def engine_log_env(level: str, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables ``--engine-log-level`` adds to ``environ`` (those not set there)."""
+    env = os.environ if environ is None else environ
+    return {k: v[level] for k, v in ENGINE_LOG_ENV.items() if k not in env}
+
+
+def setup_engine_logging(level: str = "warning") -> dict[str, str]:
+    """Quiet or raise the engines' own logs before they start; returns the variables set.
+
+    Native libraries (UCX, NIXL's core, Mooncake's glog, gRPC core) read their level
+    from the environment when they initialise and write plain lines to stderr; their
+    Python loggers (NIXL's ``nixl`` logger prints to stdout) go to the JSON handler.
+    """
+    added = engine_log_env(level)
+    os.environ.update(added)
+    for mod in _NIXL_LOGGING:  # NIXL configures its logger at import: do it now, then take it
+        try:
+            importlib.import_module(mod).setup_logging()
+        except Exception:  # not installed, or another layout: nothing to take over
+            continue
+    handler = logging.getLogger("kvbridge").handlers or [logging.StreamHandler(sys.stderr)]
+    for name in ENGINE_LOGGERS:
+        lg = logging.getLogger(name)
+        lg.handlers[:] = list(handler)
+        lg.setLevel(level.upper())
+        lg.propagate = False
+    return added

@@ -72,7 +72,12 @@ def build_tokenizer(cfg: DaemonConfig, model: LlamaModel):
 class DaemonRuntime:
     """State shared by the gRPC servicer, the transfer endpoint and the drain logic."""
 
-    def __init__(self, cfg: DaemonConfig, model: LlamaModel | None = None) -> None:
+    def __init__(
+        self,
+        cfg: DaemonConfig,
+        model: LlamaModel | None = None,
+        metrics: DaemonMetrics | None = None,
+    ) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.log = logging.getLogger(f"kvbridge.{cfg.role}")
@@ -96,7 +101,7 @@ class DaemonRuntime:
         self.allocator = BlockAllocator(cfg.num_blocks)
         self.quarantine = Quarantine(self.allocator, self.log)
         self.registry = RequestRegistry()
-        self.metrics = DaemonMetrics.create(cfg.role)
+        self.metrics = metrics or DaemonMetrics.create(cfg.role)
         self.metrics.blocks_in_use.set_function(lambda: self.allocator.num_used)
         self.metrics.requests_in_flight.set_function(lambda: self.registry.num_live)
         self.metrics.blocks_quarantined.set_function(lambda: self.quarantine.num_blocks)
@@ -104,31 +109,18 @@ class DaemonRuntime:
         self.compute_lock = threading.Lock()  # one model computation at a time
         self.draining = threading.Event()
         self.compat_hash = ""  # set once the transfer agent knows the topology
-        self.counters = {
-            "transfers": 0,
-            "bytes_transferred": 0,
-            "descriptors": 0,
-            "transfer_seconds": 0.0,
-            "transfer_failures": 0,
-            "lease_expiries": 0,
-            "leases_released": 0,
-            "tokens_generated": 0,
-            "corrupt_transfers": 0,
-            "transfer_retries": 0,
-            "auth_failures": 0,
-            "cancellations": 0,
-        }
-        self._counter_lock = threading.Lock()
 
-    def count(self, **deltas: float) -> None:
-        """Add to the ``Stats`` counters."""
-        with self._counter_lock:
-            for key, delta in deltas.items():
-                self.counters[key] += delta
+    @property
+    def counters(self) -> dict[str, float]:
+        """The ``Stats`` counters, read from the Prometheus metrics (one counter system)."""
+        return self.metrics.stats_counters()
+
+    def count_transfer(self, nbytes: int, descriptors: int, seconds: float) -> None:
+        """One finished KV pull (bytes, descriptors, seconds)."""
+        self.metrics.count_transfer(nbytes, descriptors, seconds)
 
     def count_event(self, name: str) -> None:
-        """One more ``name``: its ``Stats`` counter and the Prometheus counter of that name."""
-        self.count(**{name: 1})
+        """One more ``name``: the Prometheus counter that ``Stats`` also reads."""
         getattr(self.metrics, name).inc()
 
     def guard_band_bytes_changed(self) -> int:

@@ -3,36 +3,37 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from kvbridge.connector.serving.daemon.admission import AdmissionInterceptor, worker_count
+from kvbridge.connector.serving.daemon.cert_reload import ReloadingCredentials
 from kvbridge.connector.serving.daemon.common import (
     SERVICE_NAME,
     DrainInterceptor,
     RequestDecodeInterceptor,
 )
-from kvbridge.connector.serving.daemon.config import DaemonConfig
-from kvbridge.connector.serving.daemon.logs import setup_logging
-from kvbridge.connector.serving.daemon.metrics import serve_metrics
+from kvbridge.connector.serving.daemon.config import DaemonConfig, check_startup
+from kvbridge.connector.serving.daemon.health import HealthState
+from kvbridge.connector.serving.daemon.listeners import BindContext, bind_ports
+from kvbridge.connector.serving.daemon.logs import setup_engine_logging, setup_logging
+from kvbridge.connector.serving.daemon.metrics import DaemonMetrics
 from kvbridge.connector.serving.daemon.runtime import DaemonRuntime
 from kvbridge.connector.serving.daemon.security import ServerAuth, TokenAuthInterceptor
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 
 SWITCH_INTERVAL_SECONDS = 0.0005
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _write_ready(path: str, info: dict) -> None:
@@ -42,32 +43,25 @@ def _write_ready(path: str, info: dict) -> None:
 
 
 class Daemon:
-    """A started daemon; ``stop()`` drains and shuts it down (idempotent)."""
+    """A started daemon; ``stop()`` drains and shuts it down (idempotent).
+
+    Start-up order: check the configuration and read the credentials, bind every port
+    (listeners.py), then build the model, cache and engine, then serve. Anything wrong
+    before the build is a ``ConfigError`` (one line, exit 2).
+    """
 
     def __init__(self, cfg: DaemonConfig) -> None:
-        self.auth = auth = ServerAuth.from_config(cfg)  # before anything starts
-        from kvbridge.connector.serving.daemon.transfer import TransferEndpoint
-
+        check_startup(cfg)
+        self.auth = auth = ServerAuth.from_config(cfg)  # reads and checks every auth file
         self.cfg = cfg
-        self.rt = rt = DaemonRuntime(cfg)
-        self.endpoint = TransferEndpoint(rt, secret=auth.side_secret)
-        rt.compat_hash = self.endpoint.compat_hash
-        self.pool = None
-        if cfg.role == "prefill":
-            from kvbridge.connector.serving.daemon.prefill import PrefillServicer
-
-            self.servicer = PrefillServicer(
-                rt, self.endpoint.side_address, self.endpoint.agent.instance_id
-            )
-            self.endpoint.on_peer_done(self.servicer.on_peer_notification)
-            self.servicer.leases.start_reaper()
-        else:
-            from kvbridge.connector.serving.daemon.decode import DecodeServicer
-            from kvbridge.connector.serving.daemon.prefill_pool import PrefillPool
-
-            self.pool = PrefillPool(cfg.prefill, cfg.prefill_policy, client=auth.client())
-            self.servicer = DecodeServicer(rt, self.endpoint, self.pool)
-        self.admission = AdmissionInterceptor(cfg.max_requests, rt.log)
+        self.rt: DaemonRuntime | None = None
+        self.http = None  # the decode daemon's HTTP API, started once built
+        metrics = DaemonMetrics.create(cfg.role)
+        # at most --max-requests long calls; the workers beyond them serve health,
+        # Stats and Release however many streams are open
+        self.admission = AdmissionInterceptor(
+            cfg.max_requests, logging.getLogger(f"kvbridge.{cfg.role}")
+        )
         self.server = grpc.server(
             ThreadPoolExecutor(
                 max_workers=worker_count(cfg.max_requests), thread_name_prefix="kvbridge-grpc"
@@ -75,35 +69,21 @@ class Daemon:
             interceptors=self._interceptors(),
             options=[("grpc.so_reuseport", 0)],  # a second daemon on the port must fail
         )
-        pb_grpc.add_KVBridgeServiceServicer_to_server(self.servicer, self.server)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
-        address = _hostport(cfg.host, cfg.grpc_port)
-        creds = auth.server_credentials()
+        creds = None
+        if not auth.insecure:  # the certificate files are re-read when they change
+            self.tls = ReloadingCredentials(cfg, auth, logging.getLogger(f"kvbridge.{cfg.role}"))
+            creds = self.tls.credentials
+        self.listeners = bind_ports(BindContext(cfg, self.server, creds, metrics.registry))
+        self.grpc_port = self.listeners.ports["grpc-port"]
+        self.metrics_port = self.listeners.ports["metrics-port"]
+        self.pool = None
         try:
-            if creds is None:
-                self.grpc_port = self.server.add_insecure_port(address)
-            else:
-                self.grpc_port = self.server.add_secure_port(address, creds)
-        except RuntimeError as exc:  # grpc raises RuntimeError("Failed to bind ...")
-            self.endpoint.close()
-            raise OSError(f"cannot bind the gRPC port {address}: {exc}") from None
-        if self.grpc_port == 0:
-            self.endpoint.close()
-            raise OSError(f"cannot bind the gRPC port {address}")
-        self.server.start()
-        self.metrics_server, self.metrics_port = serve_metrics(
-            rt.metrics, cfg.host, cfg.metrics_port
-        )
-        from kvbridge.connector.serving.http.server import start_http
-
-        self.http = start_http(cfg, auth, rt, self.grpc_port)  # None: prefill or --http-port -1
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self._build(replace(cfg, side_port=self.listeners.ports["side-port"]), metrics)
+        except BaseException:
+            self.listeners.close()
+            raise
         self._stopped = threading.Event()
+        rt = self.rt
         self.info = {
             "role": cfg.role,
             "engine_name": rt.name,
@@ -118,28 +98,86 @@ class Daemon:
         }
         if cfg.ready_file:
             _write_ready(cfg.ready_file, self.info)
-        rt.log.info("serving", extra=self.info)
+        rt.log.info("serving", extra={**self.info, "ready": self.health_state.ready})
+
+    def _build(self, cfg: DaemonConfig, metrics: DaemonMetrics) -> None:
+        """Model, cache, engine and servicer; then start serving on the bound ports."""
+        from kvbridge.connector.serving.daemon.transfer import TransferEndpoint
+
+        auth = self.auth
+        self.rt = rt = DaemonRuntime(cfg, metrics=metrics)
+        self.listeners.take_side_port()  # the engine's side channel binds it now
+        self.endpoint = TransferEndpoint(rt, secret=auth.side_secret)
+        rt.compat_hash = self.endpoint.compat_hash
+        if cfg.role == "prefill":
+            from kvbridge.connector.serving.daemon.prefill import PrefillServicer
+
+            self.servicer = PrefillServicer(
+                rt, self.endpoint.side_address, self.endpoint.agent.instance_id
+            )
+            self.endpoint.on_peer_done(self.servicer.on_peer_notification)
+            self.servicer.leases.start_reaper()
+        else:
+            from kvbridge.connector.serving.daemon.decode import DecodeServicer
+            from kvbridge.connector.serving.daemon.prefill_pool import PrefillPool
+
+            tls = getattr(self, "tls", None)
+            self.pool = PrefillPool(
+                cfg.prefill,
+                cfg.prefill_policy,
+                client=auth.client(),
+                on_ready=self._prefill_ready,
+                client_source=tls.client_source if tls is not None else None,
+            )
+            metrics.prefill_peers_ready.set_function(self.pool.num_ready)
+            self.servicer = DecodeServicer(rt, self.endpoint, self.pool)
+        pb_grpc.add_KVBridgeServiceServicer_to_server(self.servicer, self.server)
+        self.health = health.HealthServicer()
+        self.health_state = HealthState(self.health)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.server.start()
+        from kvbridge.connector.serving.http.server import start_http
+
+        # None: a prefill daemon or --http-port -1; the socket was bound with the others
+        self.http = start_http(
+            cfg, auth, rt, self.grpc_port, sock=self.listeners.handles.pop("http-port", None)
+        )
+        if self.pool is None:
+            self.health_state.set_ready(True)
+        else:  # ready once a prefill daemon answers SERVING (checked now, then every second)
+            self.pool.start()
+
+    def _prefill_ready(self, ready: bool) -> None:
+        """The pool found some prefill daemon ready (or none): the decode daemon's readiness."""
+        state = getattr(self, "health_state", None)
+        if state is not None:
+            state.set_ready(ready)
+        if self.rt is not None:
+            self.rt.log.log(
+                logging.INFO if ready else logging.WARNING,
+                "prefill daemons reachable" if ready else "no prefill daemon reachable",
+                extra={"prefill": self.cfg.prefill},
+            )
 
     def _interceptors(self) -> list[grpc.ServerInterceptor]:
         """Token check first (refused calls are never parsed), then drain, admission (the
         long calls' limit), then decoding."""
-        rt, out = self.rt, []
+        out: list[grpc.ServerInterceptor] = []
+        log = logging.getLogger(f"kvbridge.{self.cfg.role}")
         if not self.auth.insecure:
 
             def refused(method: str, peer: str, reason: str) -> None:
-                rt.count_event("auth_failures")
+                self.rt.count_event("auth_failures")  # built before the server starts
 
-            out.append(TokenAuthInterceptor(self.auth.token, rt.log, refused))
-        return [
-            *out,
-            DrainInterceptor(rt.draining.is_set),
-            self.admission,
-            RequestDecodeInterceptor(),
-        ]
+            out.append(TokenAuthInterceptor(self.auth.token, log, refused))
+        draining = DrainInterceptor(lambda: self.rt.draining.is_set())
+        return [*out, draining, self.admission, RequestDecodeInterceptor()]
 
     def _stop_metrics(self) -> None:
-        self.metrics_server.shutdown()
-        self.metrics_server.server_close()
+        self.listeners.close()  # the gRPC server is stopped already; metrics is what is left
 
     def stop(self, drain_timeout: float | None = None) -> bool:
         """Refuse new requests, wait for in-flight ones, shut down; True if drained in time."""
@@ -148,7 +186,7 @@ class Daemon:
         rt = self.rt
         timeout = self.cfg.drain_timeout if drain_timeout is None else drain_timeout
         rt.draining.set()
-        self.health.enter_graceful_shutdown()
+        self.health_state.drain()  # readiness NOT_SERVING, liveness stays SERVING
         rt.log.info("draining", extra={"in_flight": rt.registry.num_live, "timeout": timeout})
         t0 = time.monotonic()
         drained = self.servicer.drain(timeout)
@@ -188,6 +226,7 @@ class Daemon:
 def run_daemon(cfg: DaemonConfig, stop_event: threading.Event | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or ``stop_event``), drain, and return the exit code (0)."""
     setup_logging(cfg.log_level, role=cfg.role, engine=cfg.name)
+    setup_engine_logging(cfg.engine_log_level)
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
     # the engine threads hold the GIL through whole model steps; servicer threads

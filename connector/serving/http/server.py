@@ -74,8 +74,11 @@ class HttpServer:
         self.sock.close()
 
 
-def start_http(cfg, auth, rt, grpc_port: int) -> HttpServer | None:
-    """The decode daemon's HTTP API (None: prefill role or ``--http-port -1``).
+def start_http(
+    cfg, auth, rt, grpc_port: int, sock: socket.socket | None = None
+) -> HttpServer | None:
+    """The decode daemon's HTTP API (None: prefill role or ``--http-port -1``), on
+    ``sock`` (bound at start-up with the other ports) or a socket bound now.
 
     It dials the daemon's own gRPC port with the daemon's own client credentials;
     refused tokens count in the daemon's ``auth_failures``.
@@ -104,7 +107,7 @@ def start_http(cfg, auth, rt, grpc_port: int) -> HttpServer | None:
         created=int(time.time()),
         registry=rt.metrics.registry,
     )
-    sock = bind(cfg.host, cfg.http_port)
+    sock = sock if sock is not None else bind(cfg.host, cfg.http_port)
     tls = None if auth.insecure else (cfg.tls_cert, cfg.tls_key)
     try:
         return HttpServer(build_app(settings), sock, tls)

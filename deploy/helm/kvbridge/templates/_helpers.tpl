@@ -112,7 +112,7 @@ app.kubernetes.io/component: {{ .role }}
 {{- end }}
 {{- end }}
 
-{{/* The --prefill HOST:PORT list of the decode daemons, one per line. */}}
+{{/* The --prefill targets of the decode daemons, one per line. */}}
 {{- define "kvbridge.prefillTargets" -}}
 {{- $root := . }}
 {{- $headless := include "kvbridge.headlessName" (dict "root" $root "role" "prefill") }}
@@ -124,7 +124,7 @@ app.kubernetes.io/component: {{ .role }}
 {{ printf "%s-%d.%s.%s:%d" $sts $i $headless $domain $port }}
 {{- end }}
 {{- else if gt (int $root.Values.prefill.replicas) 0 }}
-{{ printf "%s.%s:%d" $headless $domain $port }}
+{{ printf "dns:///%s.%s:%d" $headless $domain $port }}
 {{- end }}
 {{- range $root.Values.decode.prefillEndpoints }}
 {{ . }}
@@ -157,7 +157,72 @@ app.kubernetes.io/component: {{ .role }}
 {{- if and (eq .Values.probes.mode "grpc") (not .Values.auth.insecure) }}
 {{- fail "probes.mode=grpc needs auth.insecure=true: the native gRPC probe cannot speak TLS (use exec or auto)" }}
 {{- end }}
-{{- if and (not .Values.auth.insecure) (not .Values.auth.tls.create) (not .Values.auth.tls.existingSecret) }}
-{{- fail "auth: TLS is on (auth.insecure=false) but there is no certificate: set auth.tls.existingSecret or auth.tls.create=true" }}
+{{- $cm := .Values.auth.tls.certManager }}
+{{- if and $cm.enabled .Values.auth.tls.existingSecret }}
+{{- fail "auth.tls: certManager.enabled writes the TLS Secret; it cannot be combined with existingSecret" }}
 {{- end }}
+{{- if and $cm.enabled (not $cm.issuerRef.name) }}
+{{- fail "auth.tls.certManager.issuerRef.name: name the Issuer or ClusterIssuer that signs the daemons' certificate" }}
+{{- end }}
+{{- if and (not .Values.auth.insecure) (not .Values.auth.tls.create) (not .Values.auth.tls.existingSecret) (not $cm.enabled) }}
+{{- fail "auth: TLS is on (auth.insecure=false) but there is no certificate: set auth.tls.existingSecret, auth.tls.certManager.enabled or auth.tls.create=true" }}
+{{- end }}
+{{- end }}
+
+{{/* Every DNS name the TLS certificate covers (YAML list). */}}
+{{- define "kvbridge.tlsDnsNames" -}}
+{{- $full := include "kvbridge.fullname" . }}
+{{- $domain := include "kvbridge.nsDomain" . }}
+{{- $ns := .Release.Namespace }}
+{{- $dns := list "localhost" $full (printf "%s.%s" $full $ns) (printf "%s.%s.svc" $full $ns) (printf "%s.%s" $full $domain) }}
+{{- range $role := list "prefill" "decode" }}
+{{- $headless := include "kvbridge.headlessName" (dict "root" $ "role" $role) }}
+{{- $dns = concat $dns (list (printf "%s.%s" $headless $domain) (printf "*.%s.%s" $headless $domain) (printf "*.%s.%s.svc" $headless $ns)) }}
+{{- end }}
+{{- concat $dns .Values.auth.tls.extraDnsNames | uniq | toYaml }}
+{{- end }}
+
+{{/*
+The generated credentials, base64 (YAML): tls.crt, tls.key, ca.crt when the chart makes
+the certificate; token and side when it makes those. Existing Secrets are looked up and
+kept; new values are made once per render and cached, so every template sees the same.
+*/}}
+{{- define "kvbridge.authData" -}}
+{{- $cache := .Values }}
+{{- if not (hasKey $cache "__kvbridgeAuthData") }}
+{{- $ns := .Release.Namespace }}
+{{- $out := dict }}
+{{- if and .Values.auth.tls.create (not .Values.auth.tls.existingSecret) (not .Values.auth.tls.certManager.enabled) }}
+{{- $old := lookup "v1" "Secret" $ns (include "kvbridge.tlsSecretName" .) }}
+{{- if and $old $old.data (hasKey $old.data "tls.crt") (hasKey $old.data "tls.key") (hasKey $old.data "ca.crt") }}
+{{- $out = pick $old.data "tls.crt" "tls.key" "ca.crt" }}
+{{- else }}
+{{- $full := include "kvbridge.fullname" . }}
+{{- $days := int .Values.auth.tls.validityDays }}
+{{- $ca := genCA (printf "%s-ca" $full) $days }}
+{{- $cert := genSignedCert $full (list "127.0.0.1" "::1") (include "kvbridge.tlsDnsNames" . | fromYamlArray) $days $ca }}
+{{- $out = dict "tls.crt" ($cert.Cert | b64enc) "tls.key" ($cert.Key | b64enc) "ca.crt" ($ca.Cert | b64enc) }}
+{{- end }}
+{{- end }}
+{{- $old := lookup "v1" "Secret" $ns (include "kvbridge.generatedAuthSecretName" .) }}
+{{- $oldData := default dict (and $old $old.data) }}
+{{- if not .Values.auth.token.existingSecret }}
+{{- $_ := set $out "token" (index $oldData .Values.auth.token.key | default (randAlphaNum 48 | b64enc)) }}
+{{- end }}
+{{- if not .Values.auth.sideSecret.existingSecret }}
+{{- $_ := set $out "side" (index $oldData .Values.auth.sideSecret.key | default (randAlphaNum 64 | b64enc)) }}
+{{- end }}
+{{- $_ := set $cache "__kvbridgeAuthData" $out }}
+{{- end }}
+{{- index $cache "__kvbridgeAuthData" | toYaml }}
+{{- end }}
+
+{{/*
+checksum/auth of the pods: what the chart knows of the credentials (generated values,
+Secret names and keys, the Certificate's spec). A change rolls the pods; a renewal by
+cert-manager or of an existing Secret does not (the daemons reload the certificate).
+*/}}
+{{- define "kvbridge.authChecksum" -}}
+{{- $a := .Values.auth }}
+{{- list (include "kvbridge.authData" .) $a.tls.existingSecret $a.tls.certManager (include "kvbridge.tlsDnsNames" .) $a.token $a.sideSecret | toJson | sha256sum }}
 {{- end }}

@@ -36,6 +36,9 @@ spec:
         {{- end }}
       annotations:
         checksum/config: {{ include "kvbridge.roleConfig" $ctx | sha256sum }}
+        {{- if not $insecure }}
+        checksum/auth: {{ include "kvbridge.authChecksum" $root }}
+        {{- end }}
         {{- with $root.Values.rdma.networks }}
         {{- if $root.Values.rdma.enabled }}
         k8s.v1.cni.cncf.io/networks: {{ join "," . | quote }}
@@ -75,11 +78,27 @@ spec:
       tolerations:
         {{- toYaml . | nindent 8 }}
       {{- end }}
-      {{- with (default $root.Values.affinity $v.affinity) }}
+      {{- $selector := dict "matchLabels" (include "kvbridge.roleSelectorLabels" $ctx | fromYaml) }}
+      {{- $affinity := default $root.Values.affinity $v.affinity }}
+      {{- if and (not $affinity) (ne $root.Values.podAntiAffinity "none") }}
+      {{- /* pods of one role avoid sharing a node (soft) or never do (hard) */}}
+      {{- $term := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" $selector }}
+      {{- if eq $root.Values.podAntiAffinity "hard" }}
+      {{- $affinity = dict "podAntiAffinity" (dict "requiredDuringSchedulingIgnoredDuringExecution" (list $term)) }}
+      {{- else }}
+      {{- $affinity = dict "podAntiAffinity" (dict "preferredDuringSchedulingIgnoredDuringExecution" (list (dict "weight" 100 "podAffinityTerm" $term))) }}
+      {{- end }}
+      {{- end }}
+      {{- with $affinity }}
       affinity:
         {{- toYaml . | nindent 8 }}
       {{- end }}
-      {{- with $v.topologySpreadConstraints }}
+      {{- $spread := $v.topologySpreadConstraints }}
+      {{- $ts := $root.Values.topologySpread }}
+      {{- if and (not $spread) $ts.enabled }}
+      {{- $spread = list (dict "maxSkew" (int $ts.maxSkew) "topologyKey" $ts.topologyKey "whenUnsatisfiable" "ScheduleAnyway" "labelSelector" $selector) }}
+      {{- end }}
+      {{- with $spread }}
       topologySpreadConstraints:
         {{- toYaml . | nindent 8 }}
       {{- end }}
@@ -161,20 +180,24 @@ spec:
             {{- with $v.extraEnv }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
-          {{- $probeArgs := list "kvbridge-healthcheck" (printf "--target=127.0.0.1:%v" $root.Values.ports.grpc) (printf "--service=%s" $root.Values.probes.service) "--timeout=3" }}
+          {{- $probeAuth := list }}
           {{- if not $insecure }}
-          {{- $probeArgs = concat $probeArgs (list "--tls-ca=/etc/kvbridge/tls/ca.crt" "--tls-cert=/etc/kvbridge/tls/tls.crt" "--tls-key=/etc/kvbridge/tls/tls.key" (printf "--tls-server-name=%s" $root.Values.probes.tlsServerName) "--auth-token-file=/etc/kvbridge/auth/token") }}
+          {{- $probeAuth = list "--tls-ca=/etc/kvbridge/tls/ca.crt" "--tls-cert=/etc/kvbridge/tls/tls.crt" "--tls-key=/etc/kvbridge/tls/tls.key" (printf "--tls-server-name=%s" $root.Values.probes.tlsServerName) "--auth-token-file=/etc/kvbridge/auth/token" }}
           {{- end }}
+          {{- /* readiness: takes work (not draining; decode: a prefill answers);
+                 startup and liveness: the process serves gRPC, also while draining */}}
+          {{- $services := dict "startup" $root.Values.probes.livenessService "readiness" $root.Values.probes.service "liveness" $root.Values.probes.livenessService }}
           {{- range $kind := list "startup" "readiness" "liveness" }}
+          {{- $service := index $services $kind }}
           {{ $kind }}Probe:
             {{- if eq $probeMode "grpc" }}
             grpc:
               port: {{ $root.Values.ports.grpc }}
-              service: {{ $root.Values.probes.service | quote }}
+              service: {{ $service | quote }}
             {{- else }}
             exec:
               command:
-                {{- toYaml $probeArgs | nindent 16 }}
+                {{- toYaml (concat (list "kvbridge-healthcheck" (printf "--target=127.0.0.1:%v" $root.Values.ports.grpc) (printf "--service=%s" $service) "--timeout=3") $probeAuth) | nindent 16 }}
             {{- end }}
             {{- toYaml (index $root.Values.probes $kind) | nindent 12 }}
           {{- end }}
