@@ -33,6 +33,11 @@ class AgentHello(msgspec.Struct, tag="hello", kw_only=True):
     tp_size: int = 1
     total_kv_heads: int = 0  # the model's KV heads; 0: heads per rank x tp_size (no replicas)
     side_channel: str = ""  # "host:port" of the agent's side channel, "" if none
+    # registered scratch memory for the path probe (probe.py); 0 bytes: none
+    probe_addr: int = 0
+    probe_bytes: int = 0
+    probe_device: str = ""
+    local_metadata: bytes = b""  # the same-host transport's offer ("" when off)
 
 
 class HandshakeRequest(msgspec.Struct, tag="handshake", kw_only=True):

@@ -139,6 +139,10 @@ class PendingTransfer:
     finished: float | None = None
     released: bool = False
     error: TransferFailedError | None = None  # how it failed (raised again by ``check``)
+    owner: Any = None  # the transport that posted it (routed transports delegate to it)
+    # test hook (``Transport.degrade``): not posted to the engine before ``not_before``
+    not_before: float = 0.0
+    deferred: tuple | None = None
 
     @property
     def seconds(self) -> float:
@@ -176,6 +180,7 @@ class Transport(ABC):
         self._local_table = RegionTable([], "local")
         self._peers: dict[str, RegionTable] = {}
         self._closed = False
+        self._degraded: dict[str, float] = {}
 
     # ------------------------------------------------------------ engine hooks
     @abstractmethod
@@ -211,6 +216,29 @@ class Transport(ABC):
     @abstractmethod
     def _close(self) -> None: ...
 
+    def path_info(self, peer: str) -> str:
+        """What this engine says about its path to ``peer`` (where it can tell)."""
+        return self.backend
+
+    def engine_of(self, peer: str) -> Transport:
+        """The transport that moves data with ``peer`` (routed transports choose)."""
+        return self
+
+    def local_metadata(self) -> bytes:
+        """The same-host transport's offer for peers ("" when there is none)."""
+        return b""
+
+    def degrade(self, op: Op, bytes_per_second: float) -> None:
+        """Test hook: throttle ``op`` to ``bytes_per_second`` (0: every ``op`` fails to post).
+
+        A throttled request reaches the engine only once its bytes would have moved at
+        that rate (nothing lands before), so a slow or broken direction can be
+        simulated on loopback.
+        """
+        if op not in OPS or bytes_per_second < 0:
+            raise ValueError(f"degrade needs an op in {OPS} and a rate >= 0")
+        self._degraded[op] = float(bytes_per_second)
+
     # ------------------------------------------------------------ registration
     def register_region(self, region: MemRegion) -> int:
         """Register one region with the engine (one call); returns its local index."""
@@ -235,8 +263,17 @@ class Transport(ABC):
         return list(self._local)
 
     # ------------------------------------------------------------------- peers
-    def add_peer(self, peer: str, engine_metadata: bytes, regions: Sequence[MemRegion]) -> None:
-        """Make ``peer`` reachable; ``regions`` are its registered regions, in its order."""
+    def add_peer(
+        self,
+        peer: str,
+        engine_metadata: bytes,
+        regions: Sequence[MemRegion],
+        local_metadata: bytes = b"",
+    ) -> None:
+        """Make ``peer`` reachable; ``regions`` are its registered regions, in its order.
+
+        ``local_metadata``: the peer's same-host transport offer (used by routed transports).
+        """
         if peer in self._peers:
             self.remove_peer(peer)
         self._add_peer(peer, engine_metadata)
@@ -312,9 +349,19 @@ class Transport(ABC):
             rkinds.pop(),
             nb,
         )
-        handle = self._post(op, peer, descs, bytes(notify))
         engine = self.engine_descriptors(nb, descs.cuda)
-        return PendingTransfer(op, peer, int(nb.size), int(nb.sum()), handle, engine)
+        rate = self._degraded.get(op)
+        if rate == 0:
+            raise TransferFailedError(
+                f"{self.backend} {op} with peer {peer!r} failed to post (disabled by a test hook)"
+            )
+        if rate:
+            xfer = PendingTransfer(op, peer, int(nb.size), int(nb.sum()), None, engine, owner=self)
+            xfer.not_before = xfer.started + xfer.nbytes / rate
+            xfer.deferred = (op, peer, descs, bytes(notify))
+            return xfer
+        handle = self._post(op, peer, descs, bytes(notify))
+        return PendingTransfer(op, peer, int(nb.size), int(nb.sum()), handle, engine, owner=self)
 
     def engine_descriptors(self, nbytes: np.ndarray, cuda: bool) -> int:
         """How many descriptors the engine gets for these (backends that split override)."""
@@ -326,6 +373,15 @@ class Transport(ABC):
             return True
         if xfer.error is not None:  # never ask the engine about a released handle
             raise xfer.error
+        if xfer.deferred is not None:  # throttled by the test hook
+            if time.perf_counter() < xfer.not_before:
+                return False
+            args, xfer.deferred = xfer.deferred, None
+            try:
+                xfer.handle = self._post(*args)
+            except TransferFailedError as exc:
+                xfer.released, xfer.error = True, exc
+                raise
         state = self._check(xfer.handle)
         if state == "done":
             xfer.finished = time.perf_counter()
@@ -372,6 +428,8 @@ class Transport(ABC):
             return True
         if not xfer.released:
             return False
+        if xfer.handle is None:  # a throttled request that never reached the engine
+            return True
         return self._quiesced(xfer.handle)
 
     def _quiesced(self, handle: Any) -> bool:
@@ -382,7 +440,9 @@ class Transport(ABC):
         """Release the engine handle (idempotent; cancels an unfinished transfer)."""
         if not xfer.released:
             xfer.released = True
-            self._release(xfer.handle)
+            xfer.deferred = None
+            if xfer.handle is not None:
+                self._release(xfer.handle)
 
     def notifications(self) -> list[tuple[str, bytes]]:
         """New notifications: ``(peer name, message)``, oldest first."""
