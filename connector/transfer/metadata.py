@@ -63,7 +63,8 @@ class TransferNotice(msgspec.Struct, tag="notice", kw_only=True):
     request_id: str
     sender: str
     op: str  # "READ" (the receiver held the blocks) or "WRITE" (the receiver got them)
-    status: str = "done"  # "done" | "failed"
+    # "done" | "failed" | "released" (a failed write can no longer touch the receiver's memory)
+    status: str = "done"
     nbytes: int = 0
     detail: str = ""
 

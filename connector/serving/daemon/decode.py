@@ -28,6 +28,7 @@ from kvbridge.connector.serving.daemon.checksum import kv_checksum
 from kvbridge.connector.serving.daemon.common import check_request_id, check_tokens, stats_response
 from kvbridge.connector.serving.daemon.prefill_pool import PrefillPool
 from kvbridge.connector.serving.daemon.pull import PullError
+from kvbridge.connector.serving.daemon.push import fetch
 from kvbridge.connector.serving.daemon.runtime import DaemonRuntime
 from kvbridge.connector.serving.daemon.states import RequestRecord, RequestState
 from kvbridge.connector.serving.model import blocks_needed
@@ -186,7 +187,9 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 received = time.monotonic()
                 rt.registry.transition(rec.request_id, RequestState.TRANSFERRING)
                 try:
-                    info = self._pull(rec, resp.handle, local, received, target, context, held)
+                    info = self._pull(
+                        rec, resp.handle, local, received, target, context, held, stub
+                    )
                     if verify:
                         info.kv_checksum = self._verify(rec, resp.handle, local)
                 except BaseException:
@@ -217,6 +220,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         target: str,
         context: grpc.ServicerContext,
         held: Held,
+        stub: pb_grpc.KVBridgeServiceStub,
     ) -> pb.TransferInfo:
         rt, cfg = self.rt, self.rt.cfg
         n_src = len(h.block_ids)
@@ -256,7 +260,8 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                     f"prefill lease of {h.lease_seconds_left:.3f}s too short to pull",
                 )
             try:
-                result = self.endpoint.puller.pull(h, dst, timeout=budget, aborted=aborted)
+                # pull, or have the prefill push when reads from it are degraded (push.py)
+                result = fetch(self.endpoint, h, dst, stub, timeout=budget, aborted=aborted)
                 break
             except PullError as exc:
                 rt.count_event("transfer_failures")
@@ -311,6 +316,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 "bytes": result.bytes,
                 "descriptors": result.descriptors,
                 "seconds": round(result.seconds, 6),
+                "direction": result.direction,
             },
         )
         return pb.TransferInfo(
@@ -326,6 +332,8 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
             src_layout=h.kv_layout,
             dst_layout=cfg.kv_layout,
             attempts=attempts,
+            direction=result.direction,
+            engine=result.engine,
         )
 
     def _verify(self, rec: RequestRecord, h: pb.KVHandle, local: list[int]) -> str:

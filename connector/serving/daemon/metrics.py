@@ -30,6 +30,12 @@ class DaemonMetrics:
     auth_failures: Counter
     blocks_quarantined: Gauge
     threads: Gauge
+    peer_bandwidth: Gauge  # labels role, peer, op
+
+    def set_path(self, role: str, peer: str, read_bps: float, write_bps: float) -> None:
+        """The probed rates of the path to ``peer`` (0 for a direction that failed)."""
+        self.peer_bandwidth.labels(role=role, peer=peer, op="read").set(read_bps)
+        self.peer_bandwidth.labels(role=role, peer=peer, op="write").set(write_bps)
 
     @classmethod
     def create(cls, role: str) -> DaemonMetrics:
@@ -78,6 +84,12 @@ class DaemonMetrics:
                 "blocks withheld until an aborted transfer can no longer write them",
             ),
             threads=gauge("kvbridge_threads", "live Python threads of the daemon"),
+            peer_bandwidth=Gauge(
+                "kvbridge_peer_bandwidth_bytes_per_second",
+                "probed rate of the path to a peer at handshake (0: the direction failed)",
+                ("role", "peer", "op"),
+                registry=reg,
+            ),
         )
 
     def finished(self, role: str, state: str) -> None:

@@ -15,6 +15,7 @@ from kvbridge.connector.serving.daemon.common import (
     stats_response,
 )
 from kvbridge.connector.serving.daemon.leases import Lease, LeaseTable
+from kvbridge.connector.serving.daemon.push import serve_push
 from kvbridge.connector.serving.daemon.runtime import DaemonRuntime
 from kvbridge.connector.serving.daemon.states import RequestState
 from kvbridge.connector.serving.model import blocks_needed
@@ -26,7 +27,9 @@ MAX_LEASE_SECONDS = 3600.0  # how long a Prefill waits for leased blocks to come
 
 
 class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
-    """Serves Prefill, Release and Stats; Generate belongs to decode daemons."""
+    """Serves Prefill, Push, Release and Stats; Generate belongs to decode daemons."""
+
+    endpoint = None  # the daemon's TransferEndpoint (pushes), set by the server
 
     def __init__(self, rt: DaemonRuntime, side_address: str) -> None:
         self.rt = rt
@@ -160,6 +163,10 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
         if lease is None:
             return pb.ReleaseResponse(released=False)
         return pb.ReleaseResponse(released=True, freed_blocks=len(lease.block_ids))
+
+    def Push(self, request: pb.PushRequest, context: grpc.ServicerContext) -> pb.PushResponse:
+        """Write a leased request's blocks into its owner's cache (push.py)."""
+        return serve_push(self.rt, self.leases, self.endpoint, request, context)
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         return stats_response(

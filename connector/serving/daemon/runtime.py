@@ -63,6 +63,7 @@ class DaemonRuntime:
         self.compute_lock = threading.Lock()  # one model computation at a time
         self.draining = threading.Event()
         self.compat_hash = ""  # set once the transfer agent knows the topology
+        self.paths: dict = {}  # peer -> the transfer agent's PathReport (Stats)
         self.counters = {
             "transfers": 0,
             "bytes_transferred": 0,

@@ -55,6 +55,7 @@ class Daemon:
             from kvbridge.connector.serving.daemon.prefill import PrefillServicer
 
             self.servicer = PrefillServicer(rt, self.endpoint.side_address)
+            self.servicer.endpoint = self.endpoint
             self.endpoint.on_peer_done(self.servicer.on_peer_notification)
             self.servicer.leases.start_reaper()
         else:
