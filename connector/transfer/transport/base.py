@@ -163,6 +163,8 @@ class Transport(ABC):
     """One engine instance: local registrations, peers, posts, completion, notifications."""
 
     backend: ClassVar[str] = ""
+    #: Longest sleep between two completion checks in ``wait``.
+    poll_max_seconds: ClassVar[float] = 500e-6
 
     @classmethod
     def daemon_options(cls, cfg: Any) -> dict[str, Any]:
@@ -403,7 +405,7 @@ class Transport(ABC):
         ``TransferTimeoutError`` is raised.
         """
         deadline = time.perf_counter() + timeout
-        pause = 10e-6
+        pause = min(10e-6, self.poll_max_seconds)
         while not self.check(xfer):
             now = time.perf_counter()
             if now >= deadline:
@@ -415,7 +417,7 @@ class Transport(ABC):
                 )
                 raise xfer.error
             time.sleep(min(pause, deadline - now))
-            pause = min(pause * 2, 500e-6)
+            pause = min(pause * 2, self.poll_max_seconds)
         return xfer.seconds
 
     def quiesced(self, xfer: PendingTransfer) -> bool:

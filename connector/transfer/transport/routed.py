@@ -125,6 +125,9 @@ class RoutedTransport(Transport):
     def check(self, xfer: PendingTransfer) -> bool:
         return xfer.owner.check(xfer)
 
+    def wait(self, xfer: PendingTransfer, timeout: float) -> float:
+        return xfer.owner.wait(xfer, timeout)
+
     def quiesced(self, xfer: PendingTransfer) -> bool:
         return xfer.owner.quiesced(xfer)
 
