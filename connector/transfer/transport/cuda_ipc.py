@@ -105,7 +105,7 @@ class CudaDriver:
         base, size, handle = _u64(), ctypes.c_size_t(), IpcHandle()
         self._call("cuMemGetAddressRange_v2", ctypes.byref(base), ctypes.byref(size), addr)
         self._call("cuIpcGetMemHandle", ctypes.byref(handle), base.value)
-        return bytes(handle.reserved), addr - base.value
+        return bytes(handle), addr - base.value  # all 64 bytes (a c_char field stops at NUL)
 
     def open(self, handle: bytes, device: int) -> int:
         """Map a peer's allocation into this process (once per handle); its base address."""
@@ -115,8 +115,7 @@ class CudaDriver:
                 entry[1] += 1
                 return entry[0]
         self.use(device)
-        raw, base = IpcHandle(), _u64()
-        ctypes.memmove(raw.reserved, handle, 64)
+        raw, base = IpcHandle.from_buffer_copy(handle), _u64()
         self._call("cuIpcOpenMemHandle_v2", ctypes.byref(base), raw, IPC_LAZY_ENABLE_PEER_ACCESS)
         with self._lock:
             entry = self._opened.setdefault(handle, [base.value, 0])
