@@ -37,10 +37,11 @@ from kvbridge.connector.transfer.notices import NoticeBox
 from kvbridge.connector.transfer.peer_table import PeerTable
 from kvbridge.connector.transfer.peers import Peer
 from kvbridge.connector.transfer.probe import (
-    DEFAULT_PROBE_BYTES,
     PROBE_TIMEOUT,
     PathReport,
     ProbeScratch,
+    hello_fields,
+    make_scratch,
     probe,
 )
 from kvbridge.connector.transfer.side_channel import SideChannelServer, request
@@ -179,11 +180,7 @@ class KVTransferAgent:
             for r in self.spec.regions:
                 idx = self.transport.register_region(MemRegion(r.addr, r.nbytes, r.device))
                 assert idx == r.index
-            device = self.spec.regions[0].device
-            if probe_bytes is None:
-                probe_bytes = DEFAULT_PROBE_BYTES["cuda" if device.startswith("cuda") else "cpu"]
-            if probe_bytes > 0:
-                self._scratch = ProbeScratch(self.transport, device, int(probe_bytes))
+            self._scratch = make_scratch(self.transport, self.spec.regions[0].device, probe_bytes)
             if side_channel_port is not None:
                 self.side = SideChannelServer(
                     self._on_side_message,
@@ -207,9 +204,7 @@ class KVTransferAgent:
                 tp_size=tp_size,
                 total_kv_heads=total_kv_heads,
                 side_channel=self._side_address,
-                probe_addr=self._scratch.addr if self._scratch else 0,
-                probe_bytes=self._scratch.nbytes if self._scratch else 0,
-                probe_device=self._scratch.device if self._scratch else "",
+                **hello_fields(self._scratch),
                 local_metadata=self.transport.local_metadata(),
             )
         except BaseException:

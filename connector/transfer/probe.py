@@ -84,6 +84,21 @@ class ProbeScratch:
         return self.tensor.data_ptr()
 
 
+def make_scratch(transport: Transport, device: str, nbytes: int | None) -> ProbeScratch | None:
+    """The agent's scratch (``nbytes`` None: ``DEFAULT_PROBE_BYTES`` of the device; 0: none)."""
+    if nbytes is None:
+        nbytes = DEFAULT_PROBE_BYTES["cuda" if device.startswith("cuda") else "cpu"]
+    return ProbeScratch(transport, device, int(nbytes)) if nbytes > 0 else None
+
+
+def hello_fields(scratch: ProbeScratch | None) -> dict:
+    """The ``AgentHello`` fields that offer ``scratch`` to peers."""
+    if scratch is None:
+        return {}
+    return {"probe_addr": scratch.addr, "probe_bytes": scratch.nbytes,
+            "probe_device": scratch.device}  # fmt: skip
+
+
 def measure(
     transport: Transport, peer: str, op: str, local: int, remote: int, nbytes: int,
     repeats: int = PROBE_REPEATS, timeout: float = PROBE_TIMEOUT, lock=None,

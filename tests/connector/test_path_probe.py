@@ -3,6 +3,8 @@ degraded direction (test hook: reads failing or throttled) turns requests around
 
 from __future__ import annotations
 
+import pytest
+from engines import BACKENDS
 from xfer_harness import CacheCfg, link, prepare, push
 
 PROBE = 1 << 20
@@ -37,6 +39,7 @@ def test_failed_reads_turn_requests_into_pushes(procs, backend):
     push(a, a_cfg, b, b_cfg, [1, 2, 5], [7, 3, 0], a_opts=opts)
 
 
+@pytest.mark.parametrize("backend", BACKENDS[:1])  # the throttle is the transport base's
 def test_throttled_reads_are_degraded(procs, backend):
     a, b = procs
     opts = {"degrade": {"READ": 10e6}, "path_warn_fraction": 0.5}
