@@ -262,9 +262,9 @@ class KVTransferAgent:
             callback(report)
         return report
 
-    def tell(self, peer: str | Peer, request_id: str, op: str, status: str, detail: str = ""):
-        """Send ``peer`` a notice about ``request_id`` over its side channel (best effort)."""
-        self._notices.tell(self.peer(peer).side_channel, request_id, op, status, detail)
+    def tell(self, address: str, request_id: str, op: str, status: str, detail: str = ""):
+        """Send a notice about ``request_id`` to the side channel at ``address`` (best effort)."""
+        self._notices.tell(address, request_id, op, status, detail)
 
     def direction(self, peer: str | Peer) -> str:
         """``"READ"`` (pull) or ``"WRITE"`` (ask the holder to push), from the probe."""

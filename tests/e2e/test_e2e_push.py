@@ -166,3 +166,31 @@ def _call(client: Client, ids: list[int]):
                         request_id="victim", timeout=60)  # fmt: skip
     except grpc.RpcError as exc:
         return exc
+
+
+def test_push_given_up_releases_the_quarantine(tmp_path):
+    """A push slower than the decode's transfer timeout is given up by the prefill (its
+    engine keeps going, never cancelled); the decode holds the blocks until the prefill
+    says its engine is done with them (long before the drain time), then frees them."""
+    prefill = DaemonProcess("prefill", daemon_args(BACKEND, "packed", "--degrade", "WRITE=24000"),
+                            tmp_path, name="gu-prefill")  # fmt: skip
+    procs = [prefill]
+    try:
+        _start(prefill)
+        decode = DaemonProcess("decode", daemon_args(
+            BACKEND, "nhd", "--prefill", prefill.target, "--transfer-direction", "push",
+            "--transfer-timeout", "1.5", "--engine-drain-seconds", "120", "--pull-retries", "0"),
+            tmp_path, name="gu-decode")  # fmt: skip
+        procs.append(decode)
+        _start(decode)
+        d = Client(decode.target)
+        err = _call(d, _ids(3, seed=12))  # 96 kB: about 4 s at 24 kB/s
+        assert isinstance(err, grpc.RpcError) and "push" in err.details(), err
+        assert d.stats().quarantined_blocks > 0
+        waited = _wait(lambda: (x := d.stats()).quarantined_blocks == 0 and x.blocks_in_use == 0,
+                       30, "the prefill's released notice")  # fmt: skip
+        assert waited < 20  # the notice, not the 120 s drain time
+        d.close()
+    finally:
+        codes = [proc.terminate(30) for proc in reversed(procs)]
+    assert codes == [0, 0], [proc.log_tail() for proc in procs]

@@ -208,10 +208,13 @@ class Puller:
             return self._move(engine, side_address, post, timeout, aborted, "write")
         except PullError as exc:
             if exc.posted:
-                self._tell_when_quiet(engine, request_id, exc.quiet)
+                self._tell_when_quiet(side_address, request_id, exc.quiet)
             raise
 
-    def _tell_when_quiet(self, engine: str, request_id: str, quiet: Callable[[], bool]) -> None:
+    def _tell_when_quiet(self, address: str, request_id: str, quiet: Callable[[], bool]) -> None:
+        """Once ``quiet()``, tell the side channel at ``address`` that the push is over
+        (the peer may have been dropped meanwhile: the address comes from the request)."""
+
         def run() -> None:
             while not self._stop.wait(ABANDONED_POLL_SECONDS * 5):
                 try:
@@ -222,9 +225,7 @@ class Puller:
                     return
             else:
                 return
-            peer = self.agent.peers.get(engine)
-            if peer is not None:
-                self.agent.tell(peer, request_id, "WRITE", "released", "push given up")
+            self.agent.tell(address, request_id, "WRITE", "released", "push given up")
 
         threading.Thread(target=run, name="kvbridge-push-quiet", daemon=True).start()
 
