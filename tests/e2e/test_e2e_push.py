@@ -86,6 +86,7 @@ def test_degraded_reads_push_and_same_host_pulls_local(tmp_path):
         ps = p.stats()
         assert ps.leased_blocks == 0 and ps.blocks_in_use == 0 and ps.counters.lease_expiries == 0
         assert ps.counters.leases_released >= 2
+        _bad_pushes(p, pushed)
         # the other decode daemon shares the host: it pulls through the local transport
         ids = _ids(3, seed=7)
         g = generate(lo.stub, prompt_token_ids=ids, max_new_tokens=4, verify_kv=True,
@@ -158,6 +159,28 @@ def test_prefill_killed_mid_push(tmp_path):
     finally:
         for proc in reversed(procs):
             proc.terminate(30)
+
+
+def _bad_pushes(p: Client, decode: DaemonProcess) -> None:
+    """Push refusals name what is wrong, post nothing, and leave the lease to Release."""
+    h = p.stub.Prefill(pb.PrefillRequest(request_id="bad-push", prompt_token_ids=_ids(2, 3),
+                                         requester=decode.name), timeout=30).handle  # fmt: skip
+
+    def push(**kw):
+        args = {"request_id": h.request_id, "engine_name": decode.name,
+                "block_ids": [1, 2], "timeout_seconds": 5.0, **kw}  # fmt: skip
+        with pytest.raises(grpc.RpcError) as info:
+            p.stub.Push(pb.PushRequest(**args), timeout=30)
+        return info.value.code(), info.value.details()
+
+    assert push(request_id="nope")[0] == grpc.StatusCode.NOT_FOUND
+    code, details = push(engine_name="intruder")
+    assert code == grpc.StatusCode.PERMISSION_DENIED and decode.name in details
+    assert push(block_ids=[1])[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert push(timeout_seconds=-1.0)[0] == grpc.StatusCode.INVALID_ARGUMENT
+    code, details = push(block_ids=[1, 10**6])  # outside the decode's cache: nothing posted
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "LayoutError" in details, details
+    assert p.stub.Release(pb.ReleaseRequest(request_id=h.request_id), timeout=30).released
 
 
 def _call(client: Client, ids: list[int]):
