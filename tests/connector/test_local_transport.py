@@ -104,7 +104,9 @@ def test_other_host_refused_and_bounds_checked():
         meta = json.loads(t.engine_metadata())
         assert meta["host"] == host_identity() and meta["regions"][0]["nbytes"] == 4096
         other = json.dumps({**meta, "host": "elsewhere"}).encode()
-        assert not t.same_host(other)
+        assert not t.same_host(other) and t.same_host(t.engine_metadata())
+        gpu = {**meta, "regions": [{**meta["regions"][0], "cuda": True}]}
+        assert not t.same_host(json.dumps(gpu).encode())  # host <-> GPU: a network engine
         with pytest.raises(HandshakeError, match="not on this host"):
             t.add_peer("p", other, [MemRegion(buf.ctypes.data, 4096)])
         # a peer (this process) whose exported regions do not cover a descriptor

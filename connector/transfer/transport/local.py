@@ -186,11 +186,15 @@ class LocalTransport(Transport):
 
     # ------------------------------------------------------------------- peers
     def same_host(self, engine_metadata: bytes) -> bool:
-        """Whether a peer's local-transport metadata names this host."""
+        """Whether a peer's local-transport metadata names this host and memory of the
+        same kind as ours (host <-> GPU pairs are left to the network engines)."""
         try:
-            return json.loads(engine_metadata).get("host") == self.host_id
-        except (ValueError, AttributeError):
+            meta = json.loads(engine_metadata)
+            theirs = {bool(r["cuda"]) for r in meta["regions"]}
+        except (ValueError, AttributeError, KeyError, TypeError):
             return False
+        ours = {bool(e["cuda"]) for e in self._exports if e is not None}
+        return meta.get("host") == self.host_id and (not ours or theirs == ours)
 
     def _add_peer(self, peer: str, engine_metadata: bytes) -> None:
         try:
