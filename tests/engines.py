@@ -1,11 +1,17 @@
-"""Test parametrisation over the transport registry (one source of engine names)."""
+"""Test parametrisation over the transport registry (one source of engine names).
+
+``BACKENDS`` are the network engines (the same-host transport has tests of its own:
+tests/connector/test_local_transport.py).
+"""
 
 from __future__ import annotations
 
 import pytest
-from kvbridge.connector.transfer.transport import BACKENDS, TRANSPORTS
+from kvbridge.connector.transfer.transport import LOCAL_BACKEND, NETWORK_BACKENDS, TRANSPORTS
 
-__all__ = ["BACKENDS", "available", "backend_params", "require"]
+BACKENDS = NETWORK_BACKENDS
+
+__all__ = ["BACKENDS", "LOCAL_BACKEND", "available", "backend_params", "require"]
 
 
 def available(backend: str) -> bool:
@@ -21,7 +27,7 @@ def require(backend: str) -> str:
 
 
 def backend_params() -> list:
-    """``pytest.param`` per registered transport, skipped where its engine is missing."""
+    """``pytest.param`` per network transport, skipped where its engine is missing."""
     return [
         pytest.param(
             b,

@@ -48,7 +48,7 @@ def test_stubs_import_under_the_package_name_and_serve_every_rpc():
 
     service = kvbridge_pb2.DESCRIPTOR.services_by_name["KVBridgeService"]
     assert service.full_name == "kvbridge.v1.KVBridgeService"
-    assert [m.name for m in service.methods] == ["Prefill", "Generate", "Release", "Stats"]
+    assert [m.name for m in service.methods] == ["Prefill", "Generate", "Release", "Stats", "Push"]
     assert service.methods_by_name["Generate"].server_streaming
     assert hasattr(kvbridge_pb2_grpc, "KVBridgeServiceStub")
 

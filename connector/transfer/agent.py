@@ -1,8 +1,9 @@
 """``KVTransferAgent``: moves blocks of a paged KV cache to and from peer agents.
 
-The agent owns one transport (NIXL or Mooncake) with the cache's topology regions
+The agent owns one transport (NIXL or Mooncake, with the same-host transport beside
+it when ``local="auto"``) with the cache's topology regions and a probe scratch
 registered once, a zmq side channel for handshakes and notices, its peers
-(peer_table.py) and its notices (notices.py). A request plans with
+(peer_table.py), their probed paths (probe.py) and its notices (notices.py). A request plans with
 ``TransferPlan.between`` (coalesced descriptors, int64 arrays) and posts them as
 one engine request; fragmented reads are staged (staging.py). Per request the
 state machine is::
@@ -35,6 +36,14 @@ from kvbridge.connector.transfer.errors import (
 from kvbridge.connector.transfer.notices import NoticeBox
 from kvbridge.connector.transfer.peer_table import PeerTable
 from kvbridge.connector.transfer.peers import Peer
+from kvbridge.connector.transfer.probe import (
+    PROBE_TIMEOUT,
+    PathReport,
+    ProbeScratch,
+    hello_fields,
+    make_scratch,
+    probe,
+)
 from kvbridge.connector.transfer.side_channel import SideChannelServer, request
 from kvbridge.connector.transfer.staging import (
     StagingPool,
@@ -46,6 +55,8 @@ from kvbridge.connector.transfer.tp_mapping import HeadMap
 from kvbridge.connector.transfer.transfer_request import PendingRequest, TransferResult
 from kvbridge.connector.transfer.transport import (
     DEFAULT_BACKEND,
+    LOCAL_BACKEND,
+    LOCAL_MODES,
     MemRegion,
     Transport,
     create_transport,
@@ -89,6 +100,13 @@ class KVTransferAgent:
     ``tp_size`` / ``total_kv_heads``: this agent's tensor-parallel position and the
     model's KV heads (0: heads per rank x ``tp_size``; fewer than ``tp_size`` means
     replicated heads, see ``tp_mapping``); head ranges are mapped once per peer.
+    ``local``: ``"auto"`` also offers the same-host transport and uses it with peers
+    of this host that offer it too (``"off"``: only ``backend``). ``probe_bytes``:
+    scratch for the path probe at ``connect_to`` (``None``: 4 MiB on a GPU, 1 MiB on
+    the host; 0: no probe); a direction below ``path_warn_fraction`` of
+    ``expected_bandwidth`` (bytes/s; 0: the better direction) is logged as degraded
+    and requests prefer the other (``direction``). ``degrade``: test hook, ``{op:
+    bytes/s}`` throttles this agent's posts of ``op`` (0 fails them).
     """
 
     def __init__(
@@ -109,6 +127,11 @@ class KVTransferAgent:
         max_staging_bytes: int = 1 << 30,
         block_dim: int = 0,
         transport_options: Mapping | None = None,
+        local: str = "off",
+        probe_bytes: int | None = None,
+        path_warn_fraction: float = 0.25,
+        expected_bandwidth: float = 0.0,
+        degrade: Mapping[str, float] | None = None,
     ):
         if not name or not isinstance(name, str):
             raise ValueError("agent name must be a non-empty string")
@@ -131,10 +154,23 @@ class KVTransferAgent:
         for r in self.spec.regions:
             if r.device == "meta":
                 raise ValueError("meta tensors have no memory to transfer")
+        if local not in LOCAL_MODES:
+            raise ValueError(f"local must be one of {LOCAL_MODES}, got {local!r}")
         self._lock = threading.RLock()  # guards the transport
         opts = dict(transport_options or {})
         opts.setdefault("host", host)
         self.transport: Transport = create_transport(backend, name, **opts)
+        if local == "auto" and backend != LOCAL_BACKEND:
+            from kvbridge.connector.transfer.transport.routed import with_local
+
+            self.transport = with_local(self.transport, host)  # same-host peers: local
+        for op, rate in (degrade or {}).items():
+            self.transport.degrade(op, rate)
+        self.path_warn_fraction = float(path_warn_fraction)
+        self.expected_bandwidth = float(expected_bandwidth)
+        self.paths: dict[str, PathReport] = {}  # per peer, from the probe at connect_to
+        self.on_path: list = []  # callbacks(PathReport) after each probe
+        self._scratch: ProbeScratch | None = None
         self._peers = PeerTable(
             name, backend, self.spec, tp_rank, tp_size, self.transport, self._lock, total_kv_heads
         )
@@ -145,6 +181,7 @@ class KVTransferAgent:
             for r in self.spec.regions:
                 idx = self.transport.register_region(MemRegion(r.addr, r.nbytes, r.device))
                 assert idx == r.index
+            self._scratch = make_scratch(self.transport, self.spec.regions[0].device, probe_bytes)
             if side_channel_port is not None:
                 self.side = SideChannelServer(
                     self._on_side_message,
@@ -169,6 +206,8 @@ class KVTransferAgent:
                 total_kv_heads=total_kv_heads,
                 side_channel=self._side_address,
                 instance_id=self.instance_id,
+                **hello_fields(self._scratch),
+                local_metadata=self.transport.local_metadata(),
             )
         except BaseException:
             self.close()
@@ -204,10 +243,39 @@ class KVTransferAgent:
             raise IncompatiblePeerError(
                 f"peer {reply.agent_name!r} at {address} refused this agent: {reply.reason}"
             )
-        return self._peers.add(reply.hello)
+        peer = self._peers.add(reply.hello)
+        self.probe(peer, min(timeout, PROBE_TIMEOUT))
+        return peer
+
+    def probe(self, peer: str | Peer, timeout: float = PROBE_TIMEOUT) -> PathReport | None:
+        """Move the probe scratch both ways with ``peer`` and record the path (``paths``);
+        ``None`` when either side has no scratch."""
+        p = self.peer(peer)
+        if self._scratch is None or p.probe_region is None:
+            return None
+        report = probe(
+            self.transport, self._scratch, p.name, p.probe_region,
+            engine=self.transport.engine_of(p.name).backend,
+            warn_fraction=self.path_warn_fraction, expected_bps=self.expected_bandwidth,
+            timeout=timeout, lock=self._lock,
+        )  # fmt: skip
+        self.paths[p.name] = report
+        for callback in list(self.on_path):
+            callback(report)
+        return report
+
+    def tell(self, address: str, request_id: str, op: str, status: str, detail: str = ""):
+        """Send a notice about ``request_id`` to the side channel at ``address`` (best effort)."""
+        self._notices.tell(address, request_id, op, status, detail)
+
+    def direction(self, peer: str | Peer) -> str:
+        """``"READ"`` (pull) or ``"WRITE"`` (ask the holder to push), from the probe."""
+        report = self.paths.get(peer.name if isinstance(peer, Peer) else peer)
+        return report.direction if report is not None else "READ"
 
     def disconnect(self, peer: str | Peer) -> None:
         self._peers.remove(peer)
+        self.paths.pop(peer.name if isinstance(peer, Peer) else peer, None)
 
     @property
     def peers(self) -> dict[str, Peer]:
@@ -428,11 +496,5 @@ class KVTransferAgent:
         )
 
 
-__all__ = [
-    "HeadMap",
-    "KVTransferAgent",
-    "LayoutError",
-    "PendingRequest",
-    "TransferFailedError",
-    "TransferResult",
-]
+__all__ = ["HeadMap", "KVTransferAgent", "LayoutError", "PathReport", "PendingRequest",
+           "TransferFailedError", "TransferResult"]  # fmt: skip

@@ -35,6 +35,11 @@ class AgentHello(msgspec.Struct, tag="hello", kw_only=True):
     side_channel: str = ""  # "host:port" of the agent's side channel, "" if none
     # random per agent object: a restarted process under the same name is a new peer
     instance_id: str = ""
+    # registered scratch memory for the path probe (probe.py); 0 bytes: none
+    probe_addr: int = 0
+    probe_bytes: int = 0
+    probe_device: str = ""
+    local_metadata: bytes = b""  # the same-host transport's offer ("" when off)
 
 
 class HandshakeRequest(msgspec.Struct, tag="handshake", kw_only=True):
@@ -60,7 +65,8 @@ class TransferNotice(msgspec.Struct, tag="notice", kw_only=True):
     request_id: str
     sender: str
     op: str  # "READ" (the receiver held the blocks) or "WRITE" (the receiver got them)
-    status: str = "done"  # "done" | "failed"
+    # "done" | "failed" | "released" (a failed write can no longer touch the receiver's memory)
+    status: str = "done"
     nbytes: int = 0
     detail: str = ""
 

@@ -55,21 +55,21 @@ class NoticeBox:
     def tell_failure(self, address: str, request_id: str, op: str, exc: Exception) -> None:
         """Best effort, off the caller's thread: the peer at ``address`` learns the
         request failed (nothing without an address)."""
+        self.tell(address, request_id, op, "failed", str(exc))
+
+    def tell(self, address: str, request_id: str, op: str, status: str, detail: str = "") -> None:
+        """Best effort, off the caller's thread: a notice to the side channel at ``address``."""
         if not address:
             return
         notice = md.TransferNotice(
-            request_id=request_id,
-            sender=self.name,
-            op=op,
-            status="failed",
-            detail=str(exc)[:500],
+            request_id=request_id, sender=self.name, op=op, status=status, detail=detail[:500]
         )
 
         def send() -> None:
             try:
                 request(address, notice, min(self._timeout, 2.0), self._secret)
             except TransferError as err:
-                log.info("could not tell %s that %s failed: %s", address, request_id, err)
+                log.info("could not tell %s that %s %s: %s", address, request_id, status, err)
 
         threading.Thread(target=send, name=f"notice-{self.name}", daemon=True).start()
 

@@ -59,7 +59,9 @@ class PeerTable:
         )  # fmt: skip
         peer = Peer(hello.agent_name, hello, spec, heads)
         with self._lock:
-            self._transport.add_peer(peer.name, hello.engine_metadata, peer.regions)
+            self._transport.add_peer(
+                peer.name, hello.engine_metadata, peer.regions, hello.local_metadata
+            )
             self._peers[peer.name] = peer
             self._topologies.pop(peer.name, None)
         log.info("agent %s connected to peer %s (tp %d/%d)", self.name, peer.name,

@@ -43,7 +43,17 @@ class Peer:
 
     @property
     def regions(self) -> list[MemRegion]:
-        return [MemRegion(r.addr, r.nbytes, r.device) for r in self.spec.regions]
+        """Its registered regions: the topology's, then the probe scratch (if offered)."""
+        out = [MemRegion(r.addr, r.nbytes, r.device) for r in self.spec.regions]
+        if self.hello.probe_bytes > 0:
+            h = self.hello
+            out.append(MemRegion(h.probe_addr, h.probe_bytes, h.probe_device or "cpu"))
+        return out
+
+    @property
+    def probe_region(self) -> int | None:
+        """Index of the peer's probe scratch among ``regions`` (``None``: it has none)."""
+        return len(self.spec.regions) if self.hello.probe_bytes > 0 else None
 
 
 def _describe_compat(spec: TopologySpec) -> dict[str, tuple]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engines import BACKENDS
+from kvbridge.connector.transfer.transport import BACKENDS  # every registered transport
 from kvbridge.topology import TransferTopology, layouts
 
 ROOT = Path(__file__).resolve().parents[2]

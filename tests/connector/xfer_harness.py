@@ -129,6 +129,12 @@ def _serve(conn, backend: str, host: str) -> None:
                 name, request_id, timeout = args
                 n = agents[name].wait_notice(request_id, timeout)
                 out = (n.request_id, n.status, n.op, n.sender, n.nbytes)
+            elif cmd == "paths":  # the probe's report of one peer (a dict) or None
+                import dataclasses
+
+                name, peer_name = args
+                report = agents[name].paths.get(peer_name)
+                out = dataclasses.asdict(report) if report is not None else None
             elif cmd == "rejected":
                 out = list(agents[args].rejected)
             elif cmd == "verify":  # this process's cache against expected transfers

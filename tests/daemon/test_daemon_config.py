@@ -139,3 +139,24 @@ def test_auth_flags_are_checked_before_anything_starts(tmp_path):
         Daemon(resolve_config("prefill", args, environ={}))
     with pytest.raises(ConfigError, match="together"):
         resolve_config("prefill", _args(["prefill", "--tls-cert", str(cert)]), environ={})
+
+
+def test_path_flags_parse_and_refuse_bad_values():
+    from kvbridge.connector.serving.daemon.config import parse_degrade
+
+    cfg = resolve_config("decode", {}, {"KVBRIDGE_DEGRADE": "read=0, WRITE=1e6",
+                                        "KVBRIDGE_TRANSFER_DIRECTION": "push"})  # fmt: skip
+    assert parse_degrade(cfg.degrade) == {"READ": 0.0, "WRITE": 1e6}
+    assert cfg.transfer_direction == "push" and cfg.local_transport == "auto"
+    assert cfg.probe_bytes is None and cfg.path_warn_fraction == 0.25
+    for env, message in (
+        ({"KVBRIDGE_DEGRADE": "READ=fast"}, "--degrade"),
+        ({"KVBRIDGE_DEGRADE": "COPY=1"}, "--degrade"),
+        ({"KVBRIDGE_PROBE_BYTES": "-1"}, "--probe-bytes"),
+        ({"KVBRIDGE_PATH_WARN_FRACTION": "2"}, "--path-warn-fraction"),
+        ({"KVBRIDGE_LOCAL_TRANSPORT": "always"}, "--local-transport"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            resolve_config("decode", {}, env)
+    with pytest.raises(ConfigError, match="--transfer-direction"):
+        resolve_config("decode", {}, {"KVBRIDGE_TRANSFER_DIRECTION": "sideways"})

@@ -14,10 +14,13 @@ BLOCK_SIZE = 16
 
 
 def daemon_args(backend: str, layout: str, *extra: str) -> list[str]:
+    """Flags of an e2e daemon; ``backend`` carries the KV (the same-host transport is off
+    unless ``extra`` turns it back on with a later ``--local-transport``)."""
     return [
         "--backend", backend, "--kv-layout", layout, "--num-blocks", str(NUM_BLOCKS),
         "--block-size", str(BLOCK_SIZE), "--grpc-port", "0", "--metrics-port", "0",
-        "--side-port", str(free_port()), "--insecure", "--transfer-timeout", "20", *extra,
+        "--side-port", str(free_port()), "--insecure", "--transfer-timeout", "20",
+        "--local-transport", "off", *extra,
     ]  # fmt: skip
 
 

@@ -37,6 +37,17 @@ def request_status(rec: RequestRecord, now: float | None = None) -> pb.RequestSt
     )
 
 
+def peer_path(r) -> pb.PeerPath:
+    """A transfer agent's ``PathReport`` as a ``PeerPath``."""
+    return pb.PeerPath(
+        peer=r.peer, engine=r.engine, transport=r.transport, probe_bytes=r.nbytes,
+        read_bytes_per_second=r.read_bps, write_bytes_per_second=r.write_bps,
+        read_error=r.read_error, write_error=r.write_error, direction=r.direction,
+        degraded=list(r.degraded), expected_bytes_per_second=r.expected_bps,
+        probed_unix_ms=int(r.probed_unix * 1000),
+    )  # fmt: skip
+
+
 def stats_response(
     rt: DaemonRuntime, role: int, include_finished: bool, leased_blocks: int = 0
 ) -> pb.StatsResponse:
@@ -59,6 +70,7 @@ def stats_response(
         thread_names=sorted(t.name for t in threads),
         guard_band_bytes_changed=rt.guard_band_bytes_changed(),
         requests=[request_status(r) for r in rt.registry.snapshot(include_finished)],
+        peer_paths=[peer_path(p) for p in list(rt.paths.values())],
         counters=pb.Counters(
             requests_total=int(c["requests_done"] + c["requests_failed"] + rt.registry.num_live),
             requests_done=int(c["requests_done"]),

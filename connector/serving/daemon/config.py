@@ -21,7 +21,7 @@ from typing import Any
 
 from kvbridge.connector.serving.daemon.targets import parse_target
 from kvbridge.connector.serving.model.config import ModelConfig
-from kvbridge.connector.transfer.transport.registry import BACKENDS, DEFAULT_BACKEND
+from kvbridge.connector.transfer.transport.registry import BACKENDS, DEFAULT_BACKEND, LOCAL_MODES
 from kvbridge.kernels import BACKENDS as KERNEL_BACKENDS
 from kvbridge.topology.layouts import GQA_LAYOUTS
 
@@ -166,6 +166,44 @@ FLAGS: tuple[Flag, ...] = (
         int,
         "debug: poison bands of this many bytes around each cache allocation (Stats checks them)",
     ),
+    Flag(
+        "local-transport",
+        str,
+        "same-host peers: 'auto' moves KV with them through the local transport (CUDA IPC, "
+        "cma) when both offer it; 'off' uses --backend only (--backend local forces it)",
+        choices=LOCAL_MODES,
+    ),
+    Flag(
+        "probe-bytes",
+        int,
+        "bytes of the path probe at handshake (0: no probe; "
+        "default 4 MiB on a GPU, 1 MiB on the host)",
+    ),
+    Flag(
+        "path-warn-fraction",
+        _positive_float,
+        "warn (and push instead of pulling) when a "
+        "direction runs below this fraction of the expected rate",
+    ),
+    Flag(
+        "expected-bandwidth-gbps",
+        float,
+        "expected GB/s of a peer path (0: the better direction the probe measured)",
+    ),
+    Flag(
+        "transfer-direction",
+        str,
+        "how the KV moves: 'auto' pulls unless the probe found reads degraded (then the "
+        "prefill daemon pushes), 'pull' or 'push' force one",
+        choices=("auto", "pull", "push"),
+        roles=("decode",),
+    ),
+    Flag(
+        "degrade",
+        str,
+        "test hook: OP=BYTES_PER_S[,OP=...] throttles this daemon's READ or "
+        "WRITE posts (0: they fail), e.g. READ=0",
+    ),
     Flag("num-layers", _positive_int, "model layers"),
     Flag("hidden-size", _positive_int, "model hidden size"),
     Flag("num-heads", _positive_int, "attention query heads"),
@@ -263,6 +301,12 @@ class DaemonConfig:
     pull_retries: int = 1
     engine_drain_seconds: float = 930.0
     guard_bytes: int = 0
+    local_transport: str = "auto"
+    probe_bytes: int | None = None
+    path_warn_fraction: float = 0.25
+    expected_bandwidth_gbps: float = 0.0
+    transfer_direction: str = "auto"
+    degrade: str = ""
     num_layers: int = _MODEL.num_layers
     hidden_size: int = _MODEL.hidden_size
     num_heads: int = _MODEL.num_heads
@@ -332,6 +376,17 @@ FLAG_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "engine-name",
             "engine-drain-seconds",
             "guard-bytes",
+        ),
+    ),
+    (
+        "transfer path",
+        (
+            "local-transport",
+            "transfer-direction",
+            "probe-bytes",
+            "path-warn-fraction",
+            "expected-bandwidth-gbps",
+            "degrade",
         ),
     ),
     (
@@ -490,6 +545,13 @@ def resolve_config(
         raise ConfigError(f"--max-batch must be at most 4096, got {cfg.max_batch}")
     if not 0 <= cfg.guard_bytes <= 1 << 30:
         raise ConfigError(f"--guard-bytes must lie in [0, 2**30], got {cfg.guard_bytes}")
+    if cfg.probe_bytes is not None and not 0 <= cfg.probe_bytes <= 1 << 30:
+        raise ConfigError(f"--probe-bytes must lie in [0, 2**30], got {cfg.probe_bytes}")
+    if not 0 < cfg.path_warn_fraction <= 1:
+        raise ConfigError(f"--path-warn-fraction must lie in (0, 1], got {cfg.path_warn_fraction}")
+    if not cfg.expected_bandwidth_gbps >= 0:
+        raise ConfigError("--expected-bandwidth-gbps must be >= 0")
+    parse_degrade(cfg.degrade)
     return cfg
 
 
@@ -508,3 +570,18 @@ def check_startup(cfg: DaemonConfig) -> None:
         if port and port in seen:
             raise ConfigError(f"--{name} {port}: the same port as --{seen[port]}")
         seen[port] = name
+
+
+def parse_degrade(text: str) -> dict[str, float]:
+    """``--degrade`` as ``{op: bytes per second}`` (``ConfigError`` naming what is wrong)."""
+    out: dict[str, float] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        op, _, rate = item.partition("=")
+        try:
+            value = float(rate)
+        except ValueError:
+            value = -1.0
+        if op.upper() not in ("READ", "WRITE") or not value >= 0:
+            raise ConfigError(f"--degrade: {item!r} is not READ=RATE or WRITE=RATE (RATE >= 0)")
+        out[op.upper()] = value
+    return out

@@ -32,6 +32,7 @@ from kvbridge.connector.serving.daemon.latency import LatencyMetrics
 from kvbridge.connector.serving.daemon.peer_calls import PeerCalls, PeerRefused, remaining
 from kvbridge.connector.serving.daemon.prefill_pool import PrefillPool
 from kvbridge.connector.serving.daemon.pull import PullError
+from kvbridge.connector.serving.daemon.push import fetch
 from kvbridge.connector.serving.daemon.runtime import DaemonRuntime
 from kvbridge.connector.serving.daemon.states import RequestRecord, RequestState
 from kvbridge.connector.serving.daemon.status import RequestFailedError, none_answered
@@ -279,7 +280,9 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 received = time.monotonic()
                 rt.registry.transition(rec.request_id, RequestState.TRANSFERRING)
                 try:
-                    info = self._pull(rec, resp.handle, local, received, target, context, held)
+                    info = self._pull(
+                        rec, resp.handle, local, received, target, context, held, stub
+                    )
                     if verify:
                         info.kv_checksum = self._verify(rec, resp.handle, local)
                 except BaseException:
@@ -303,6 +306,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         target: str,
         context: grpc.ServicerContext,
         held: Held,
+        stub: pb_grpc.KVBridgeServiceStub,
     ) -> pb.TransferInfo:
         rt, cfg = self.rt, self.rt.cfg
         n_src = len(h.block_ids)
@@ -343,9 +347,11 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                     else "the client's deadline passed before the KV pull",
                 )
             try:
-                result = self.endpoint.puller.pull(
-                    h, dst, timeout=budget, aborted=aborted, num_tokens=num_tokens
-                )
+                # pull, or have the prefill push when reads from it are degraded (push.py)
+                result = fetch(
+                    self.endpoint, h, dst, stub, timeout=budget, aborted=aborted,
+                    num_tokens=num_tokens,
+                )  # fmt: skip
                 break
             except PullError as exc:
                 if not exc.aborted:  # a cancellation (counted by Generate) is no failure
@@ -400,6 +406,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 "bytes": result.bytes,
                 "descriptors": result.descriptors,
                 "seconds": round(result.seconds, 6),
+                "direction": result.direction,
             },
         )
         return pb.TransferInfo(
@@ -415,6 +422,8 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
             src_layout=h.kv_layout,
             dst_layout=cfg.kv_layout,
             attempts=attempts,
+            direction=result.direction,
+            engine=result.engine,
         )
 
     def _verify(self, rec: RequestRecord, h: pb.KVHandle, local: list[int]) -> str:

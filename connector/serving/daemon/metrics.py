@@ -140,6 +140,12 @@ class DaemonMetrics:
     blocks_quarantined: Gauge
     threads: Gauge
     prefill_peers_ready: Gauge
+    peer_bandwidth: Gauge  # labels role, peer, op
+
+    def set_path(self, role: str, peer: str, read_bps: float, write_bps: float) -> None:
+        """The probed rates of the path to ``peer`` (0 for a direction that failed)."""
+        self.peer_bandwidth.labels(role=role, peer=peer, op="read").set(read_bps)
+        self.peer_bandwidth.labels(role=role, peer=peer, op="write").set(write_bps)
 
     @classmethod
     def create(cls, role: str) -> DaemonMetrics:
@@ -162,6 +168,12 @@ class DaemonMetrics:
             else:
                 m = Counter(name, doc, ("role",), unit=unit, registry=target)
             made[key] = m if key == "requests" else m.labels(role=role)
+        made["peer_bandwidth"] = Gauge(
+            "kvbridge_peer_bandwidth_bytes_per_second",
+            "probed rate of the path to a peer at handshake (0: the direction failed)",
+            ("role", "peer", "op"),
+            registry=reg,
+        )
         return cls(registry=reg, role=role, **made)
 
     def finished(self, role: str, state: str) -> None:

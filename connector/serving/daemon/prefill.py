@@ -15,6 +15,7 @@ from kvbridge.connector.serving.daemon.common import (
     stats_response,
 )
 from kvbridge.connector.serving.daemon.leases import Lease, LeaseRevokedError, LeaseTable
+from kvbridge.connector.serving.daemon.push import serve_push
 from kvbridge.connector.serving.daemon.runtime import DaemonRuntime
 from kvbridge.connector.serving.daemon.states import RequestState
 from kvbridge.connector.serving.engine.prefill_batch import prefill_batcher
@@ -29,7 +30,9 @@ MIN_LEASE_SECONDS = 0.01  # a shorter lease ends before its handle could be used
 
 
 class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
-    """Serves Prefill, Release and Stats; Generate belongs to decode daemons."""
+    """Serves Prefill, Push, Release and Stats; Generate belongs to decode daemons."""
+
+    endpoint = None  # the daemon's TransferEndpoint (pushes), set by the server
 
     def __init__(self, rt: DaemonRuntime, side_address: str, instance: str = "") -> None:
         self.rt = rt
@@ -211,6 +214,10 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
         if lease is None:
             return pb.ReleaseResponse(released=False)
         return pb.ReleaseResponse(released=True, freed_blocks=len(lease.block_ids))
+
+    def Push(self, request: pb.PushRequest, context: grpc.ServicerContext) -> pb.PushResponse:
+        """Write a leased request's blocks into its owner's cache (push.py)."""
+        return serve_push(self.rt, self.leases, self.endpoint, request, context)
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         return stats_response(

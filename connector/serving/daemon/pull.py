@@ -1,4 +1,9 @@
-"""The decode side's KV pulls: handshake once per prefill engine, post, poll, give up safely.
+"""KV moves of a daemon: handshake once per peer engine, post, poll, give up safely.
+
+The decode side pulls (``pull``); a prefill daemon asked to push (its peer's probe
+found reads degraded) writes through the same machinery (``push``), and once a
+failed push can no longer touch the peer's blocks it tells the peer so
+(a ``released`` notice), which ends the peer's quarantine of those blocks.
 
 A pull posts one read and polls it; the caller's ``aborted()`` and the deadline end
 the wait. An engine transfer is never cancelled mid-flight: releasing an in-flight
@@ -77,11 +82,13 @@ class PullError(Exception):
         timed_out: bool = False,
         retryable: bool = False,
         permanent: bool = False,
+        posted: bool = True,
     ) -> None:
         super().__init__(message)
         self.quiet = quiet or (lambda: True)
         self.aborted, self.timed_out, self.retryable = aborted, timed_out, retryable
         self.permanent = permanent
+        self.posted = posted  # False: refused before anything reached the engine
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,8 @@ class PullResult:
     seconds: float
     handshake_seconds: float = 0.0
     staged: bool = False
+    direction: str = "pull"  # or "push": the holder wrote the blocks
+    engine: str = ""  # the transport that carried them
 
 
 @dataclass(eq=False)
@@ -115,6 +124,21 @@ class Puller:
         self._stop = threading.Event()
 
     # ----------------------------------------------------------------- peers
+    def connect(
+        self, engine: str, side_address: str, timeout: float, instance: str = ""
+    ) -> tuple[object, float]:
+        """``(peer, handshake seconds)``, handshaking (and probing) first if needed;
+        ``PullError`` (nothing posted) when that fails."""
+        try:
+            return self._peer(engine, side_address, timeout, instance)
+        except IncompatiblePeerError as exc:
+            raise PullError(f"{type(exc).__name__}: {exc}", permanent=True, posted=False) from None
+        except (TransferError, OSError) as exc:
+            self._drop(engine)
+            raise PullError(f"{type(exc).__name__}: {exc}", retryable=True, posted=False) from None
+        except Exception as exc:
+            raise PullError(f"{type(exc).__name__}: {exc}", posted=False) from None
+
     def _peer(
         self, engine: str, side_address: str, timeout: float, instance: str = ""
     ) -> tuple[object, float]:
@@ -206,25 +230,80 @@ class Puller:
 
         ``num_tokens``: plan in token space (the two caches' block sizes differ).
         """
-        deadline = time.monotonic() + timeout
-        agent, engine = self.agent, handle.engine_name
-        try:
-            peer, handshake = self._peer(
-                engine, handle.side_channel_address, timeout, handle.engine_instance
-            )
-            pending = agent.post_read(
-                peer, list(handle.block_ids), local_block_ids,
+        remote = list(handle.block_ids)
+
+        def post(peer):
+            return self.agent.post_read(
+                peer, remote, local_block_ids,
                 request_id=handle.request_id, notify=True, num_tokens=num_tokens,
             )  # fmt: skip
+
+        return self._move(
+            handle.engine_name, handle.side_channel_address, post, timeout, aborted, "read",
+            instance=handle.engine_instance,
+        )  # fmt: skip
+
+    def push(
+        self,
+        engine: str,
+        side_address: str,
+        local_block_ids: list[int],
+        remote_block_ids: list[int],
+        request_id: str,
+        timeout: float,
+        aborted: Callable[[], bool] | None = None,
+    ) -> PullResult:
+        """Write our ``local_block_ids`` into the peer's ``remote_block_ids``; the peer
+        gets the engine's completion notice, or a ``released`` notice once a failed
+        push can no longer touch its blocks."""
+
+        def post(peer):
+            return self.agent.post_write(
+                peer, local_block_ids, remote_block_ids, request_id=request_id, notify=True
+            )
+
+        try:
+            return self._move(engine, side_address, post, timeout, aborted, "write")
+        except PullError as exc:
+            if exc.posted:
+                self._tell_when_quiet(side_address, request_id, exc.quiet)
+            raise
+
+    def _tell_when_quiet(self, address: str, request_id: str, quiet: Callable[[], bool]) -> None:
+        """Once ``quiet()``, tell the side channel at ``address`` that the push is over
+        (the peer may have been dropped meanwhile: the address comes from the request)."""
+
+        def run() -> None:
+            while not self._stop.wait(ABANDONED_POLL_SECONDS * 5):
+                try:
+                    if quiet():
+                        break
+                except Exception:
+                    self.log.exception("asking whether a push is over failed")
+                    return
+            else:
+                return
+            self.agent.tell(address, request_id, "WRITE", "released", "push given up")
+
+        threading.Thread(target=run, name="kvbridge-push-quiet", daemon=True).start()
+
+    def _move(
+        self, engine, side_address, post, timeout, aborted, what, instance: str = ""
+    ) -> PullResult:
+        deadline = time.monotonic() + timeout
+        agent = self.agent
+        peer, handshake = self.connect(engine, side_address, timeout, instance)
+        try:
+            pending = post(peer)
         except IncompatiblePeerError as exc:  # refused: nothing was posted
-            raise PullError(f"{type(exc).__name__}: {exc}", permanent=True) from None
+            raise PullError(f"{type(exc).__name__}: {exc}", permanent=True, posted=False) from None
         except DescriptorError as exc:  # refused: nothing was posted
-            raise PullError(f"{type(exc).__name__}: {exc}") from None
+            raise PullError(f"{type(exc).__name__}: {exc}", posted=False) from None
         except (TransferError, OSError) as exc:  # nothing was posted
             self._drop(engine)
-            raise PullError(f"{type(exc).__name__}: {exc}", retryable=True) from None
+            raise PullError(f"{type(exc).__name__}: {exc}", retryable=True, posted=False) from None
         except Exception as exc:  # bad block ids, mismatched layouts: nothing was posted
-            raise PullError(f"{type(exc).__name__}: {exc}") from None
+            raise PullError(f"{type(exc).__name__}: {exc}", posted=False) from None
         self._begin(engine)
         t0, cancel = time.monotonic(), ""
         try:
@@ -232,7 +311,11 @@ class Puller:
             if not cancel:
                 r = agent.finish(pending, timeout=1.0)  # done: relayout, staging buffer back
                 self._end(engine)
-                return PullResult(r.bytes, r.descriptors, r.seconds, handshake, r.staged)
+                return PullResult(
+                    r.bytes, r.descriptors, r.seconds, handshake, r.staged,
+                    "pull" if what == "read" else "push",
+                    agent.transport.engine_of(engine).backend,
+                )  # fmt: skip
         except TransferError as exc:  # the engine failed it (its handle is released)
             self._settle(pending)
             self._end(engine)
@@ -246,7 +329,7 @@ class Puller:
         settled = self._abandon(pending, engine)
         xfer = pending.xfer
         raise PullError(
-            f"KV read {cancel} after {time.monotonic() - t0:.3g} s; the engine finishes it "
+            f"KV {what} {cancel} after {time.monotonic() - t0:.3g} s; the engine finishes it "
             "in the background",
             quiet=lambda: settled.is_set() and agent.transport.quiesced(xfer),
             aborted=cancel == "aborted",

@@ -109,6 +109,7 @@ class DaemonRuntime:
         self.compute_lock = threading.Lock()  # one model computation at a time
         self.draining = threading.Event()
         self.compat_hash = ""  # set once the transfer agent knows the topology
+        self.paths: dict = {}  # peer -> the transfer agent's PathReport (Stats)
 
     @property
     def counters(self) -> dict[str, float]:

@@ -115,6 +115,7 @@ class Daemon:
             self.servicer = PrefillServicer(
                 rt, self.endpoint.side_address, self.endpoint.agent.instance_id
             )
+            self.servicer.endpoint = self.endpoint  # pushes (push.py)
             self.endpoint.on_peer_done(self.servicer.on_peer_notification)
             self.servicer.leases.start_reaper()
         else:

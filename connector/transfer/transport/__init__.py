@@ -15,6 +15,9 @@ from kvbridge.connector.transfer.transport.base import (
 from kvbridge.connector.transfer.transport.registry import (
     BACKENDS,
     DEFAULT_BACKEND,
+    LOCAL_BACKEND,
+    LOCAL_MODES,
+    NETWORK_BACKENDS,
     TRANSPORTS,
     TransportInfo,
     transport_info,
@@ -34,6 +37,9 @@ def create_transport(backend: str, name: str, **options: Any) -> Transport:
 __all__ = [
     "BACKENDS",
     "DEFAULT_BACKEND",
+    "LOCAL_BACKEND",
+    "LOCAL_MODES",
+    "NETWORK_BACKENDS",
     "TRANSPORTS",
     "EngineDescriptors",
     "MemRegion",

@@ -139,6 +139,10 @@ class PendingTransfer:
     finished: float | None = None
     released: bool = False
     error: TransferFailedError | None = None  # how it failed (raised again by ``check``)
+    owner: Any = None  # the transport that posted it (routed transports delegate to it)
+    # test hook (``Transport.degrade``): not posted to the engine before ``not_before``
+    not_before: float = 0.0
+    deferred: tuple | None = None
 
     @property
     def seconds(self) -> float:
@@ -159,6 +163,8 @@ class Transport(ABC):
     """One engine instance: local registrations, peers, posts, completion, notifications."""
 
     backend: ClassVar[str] = ""
+    #: Longest sleep between two completion checks in ``wait``.
+    poll_max_seconds: ClassVar[float] = 500e-6
 
     @classmethod
     def daemon_options(cls, cfg: Any) -> dict[str, Any]:
@@ -176,6 +182,7 @@ class Transport(ABC):
         self._local_table = RegionTable([], "local")
         self._peers: dict[str, RegionTable] = {}
         self._closed = False
+        self._degraded: dict[str, float] = {}
 
     # ------------------------------------------------------------ engine hooks
     @abstractmethod
@@ -211,6 +218,29 @@ class Transport(ABC):
     @abstractmethod
     def _close(self) -> None: ...
 
+    def path_info(self, peer: str) -> str:
+        """What this engine says about its path to ``peer`` (where it can tell)."""
+        return self.backend
+
+    def engine_of(self, peer: str) -> Transport:
+        """The transport that moves data with ``peer`` (routed transports choose)."""
+        return self
+
+    def local_metadata(self) -> bytes:
+        """The same-host transport's offer for peers ("" when there is none)."""
+        return b""
+
+    def degrade(self, op: Op, bytes_per_second: float) -> None:
+        """Test hook: throttle ``op`` to ``bytes_per_second`` (0: every ``op`` fails to post).
+
+        A throttled request reaches the engine only once its bytes would have moved at
+        that rate (nothing lands before), so a slow or broken direction can be
+        simulated on loopback.
+        """
+        if op not in OPS or bytes_per_second < 0:
+            raise ValueError(f"degrade needs an op in {OPS} and a rate >= 0")
+        self._degraded[op] = float(bytes_per_second)
+
     # ------------------------------------------------------------ registration
     def register_region(self, region: MemRegion) -> int:
         """Register one region with the engine (one call); returns its local index."""
@@ -235,8 +265,17 @@ class Transport(ABC):
         return list(self._local)
 
     # ------------------------------------------------------------------- peers
-    def add_peer(self, peer: str, engine_metadata: bytes, regions: Sequence[MemRegion]) -> None:
-        """Make ``peer`` reachable; ``regions`` are its registered regions, in its order."""
+    def add_peer(
+        self,
+        peer: str,
+        engine_metadata: bytes,
+        regions: Sequence[MemRegion],
+        local_metadata: bytes = b"",
+    ) -> None:
+        """Make ``peer`` reachable; ``regions`` are its registered regions, in its order.
+
+        ``local_metadata``: the peer's same-host transport offer (used by routed transports).
+        """
         if peer in self._peers:
             self.remove_peer(peer)
         self._add_peer(peer, engine_metadata)
@@ -312,9 +351,19 @@ class Transport(ABC):
             rkinds.pop(),
             nb,
         )
-        handle = self._post(op, peer, descs, bytes(notify))
         engine = self.engine_descriptors(nb, descs.cuda)
-        return PendingTransfer(op, peer, int(nb.size), int(nb.sum()), handle, engine)
+        rate = self._degraded.get(op)
+        if rate == 0:
+            raise TransferFailedError(
+                f"{self.backend} {op} with peer {peer!r} failed to post (disabled by a test hook)"
+            )
+        if rate:
+            xfer = PendingTransfer(op, peer, int(nb.size), int(nb.sum()), None, engine, owner=self)
+            xfer.not_before = xfer.started + xfer.nbytes / rate
+            xfer.deferred = (op, peer, descs, bytes(notify))
+            return xfer
+        handle = self._post(op, peer, descs, bytes(notify))
+        return PendingTransfer(op, peer, int(nb.size), int(nb.sum()), handle, engine, owner=self)
 
     def engine_descriptors(self, nbytes: np.ndarray, cuda: bool) -> int:
         """How many descriptors the engine gets for these (backends that split override)."""
@@ -326,6 +375,15 @@ class Transport(ABC):
             return True
         if xfer.error is not None:  # never ask the engine about a released handle
             raise xfer.error
+        if xfer.deferred is not None:  # throttled by the test hook
+            if time.perf_counter() < xfer.not_before:
+                return False
+            args, xfer.deferred = xfer.deferred, None
+            try:
+                xfer.handle = self._post(*args)
+            except TransferFailedError as exc:
+                xfer.released, xfer.error = True, exc
+                raise
         state = self._check(xfer.handle)
         if state == "done":
             xfer.finished = time.perf_counter()
@@ -347,7 +405,7 @@ class Transport(ABC):
         ``TransferTimeoutError`` is raised.
         """
         deadline = time.perf_counter() + timeout
-        pause = 10e-6
+        pause = min(10e-6, self.poll_max_seconds)
         while not self.check(xfer):
             now = time.perf_counter()
             if now >= deadline:
@@ -359,7 +417,7 @@ class Transport(ABC):
                 )
                 raise xfer.error
             time.sleep(min(pause, deadline - now))
-            pause = min(pause * 2, 500e-6)
+            pause = min(pause * 2, self.poll_max_seconds)
         return xfer.seconds
 
     def quiesced(self, xfer: PendingTransfer) -> bool:
@@ -372,6 +430,8 @@ class Transport(ABC):
             return True
         if not xfer.released:
             return False
+        if xfer.handle is None:  # a throttled request that never reached the engine
+            return True
         return self._quiesced(xfer.handle)
 
     def _quiesced(self, handle: Any) -> bool:
@@ -382,7 +442,9 @@ class Transport(ABC):
         """Release the engine handle (idempotent; cancels an unfinished transfer)."""
         if not xfer.released:
             xfer.released = True
-            self._release(xfer.handle)
+            xfer.deferred = None
+            if xfer.handle is not None:
+                self._release(xfer.handle)
 
     def notifications(self) -> list[tuple[str, bytes]]:
         """New notifications: ``(peer name, message)``, oldest first."""

@@ -26,6 +26,7 @@ class TransportInfo:
     engine_modules: tuple[str, ...]  # import names of the engine's Python package (any one)
     pip_name: str
     summary: str
+    same_host: bool = False  # reaches peers of this host only
 
     def load(self) -> type[Transport]:
         """The transport class (imports its module, not yet the engine)."""
@@ -62,12 +63,25 @@ TRANSPORTS: dict[str, TransportInfo] = {
             "mooncake-transfer-engine-non-cuda",
             "Mooncake transfer engine, P2P handshake, tcp or rdma",
         ),
+        TransportInfo(
+            "local",
+            f"{_PKG}.local:LocalTransport",
+            ("zmq",),
+            "pyzmq",
+            "same-host copies: CUDA IPC for GPU memory, cross-memory attach for host memory",
+            same_host=True,
+        ),
     )
 }
 
 #: Registered transport names, the default first.
 BACKENDS: tuple[str, ...] = tuple(TRANSPORTS)
 DEFAULT_BACKEND = BACKENDS[0]
+#: Transports that reach other hosts (the same-host one is used beside them: ``LOCAL_MODES``).
+NETWORK_BACKENDS: tuple[str, ...] = tuple(n for n, t in TRANSPORTS.items() if not t.same_host)
+LOCAL_BACKEND: str = next(n for n, t in TRANSPORTS.items() if t.same_host)
+#: ``KVTransferAgent(local=...)``: offer the same-host transport beside a network engine.
+LOCAL_MODES = ("auto", "off")
 
 
 def transport_info(backend: str) -> TransportInfo:

@@ -137,7 +137,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., transfer: _Optional[_Union[TransferInfo, _Mapping]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ...) -> None: ...
 
 class TransferInfo(_message.Message):
-    __slots__ = ("prefill_target", "prefill_engine", "num_tokens", "num_blocks", "bytes", "descriptors", "transfer_seconds", "prefill_seconds", "handshake_seconds", "src_layout", "dst_layout", "kv_checksum", "attempts")
+    __slots__ = ("prefill_target", "prefill_engine", "num_tokens", "num_blocks", "bytes", "descriptors", "transfer_seconds", "prefill_seconds", "handshake_seconds", "src_layout", "dst_layout", "kv_checksum", "attempts", "direction", "engine")
     PREFILL_TARGET_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ENGINE_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,8 @@ class TransferInfo(_message.Message):
     DST_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     KV_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     prefill_target: str
     prefill_engine: str
     num_tokens: int
@@ -164,7 +166,65 @@ class TransferInfo(_message.Message):
     dst_layout: str
     kv_checksum: str
     attempts: int
-    def __init__(self, prefill_target: _Optional[str] = ..., prefill_engine: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., descriptors: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., handshake_seconds: _Optional[float] = ..., src_layout: _Optional[str] = ..., dst_layout: _Optional[str] = ..., kv_checksum: _Optional[str] = ..., attempts: _Optional[int] = ...) -> None: ...
+    direction: str
+    engine: str
+    def __init__(self, prefill_target: _Optional[str] = ..., prefill_engine: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., descriptors: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., handshake_seconds: _Optional[float] = ..., src_layout: _Optional[str] = ..., dst_layout: _Optional[str] = ..., kv_checksum: _Optional[str] = ..., attempts: _Optional[int] = ..., direction: _Optional[str] = ..., engine: _Optional[str] = ...) -> None: ...
+
+class PeerPath(_message.Message):
+    __slots__ = ("peer", "engine", "transport", "probe_bytes", "read_bytes_per_second", "write_bytes_per_second", "read_error", "write_error", "direction", "degraded", "expected_bytes_per_second", "probed_unix_ms")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    PROBE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    READ_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    WRITE_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    READ_ERROR_FIELD_NUMBER: _ClassVar[int]
+    WRITE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    PROBED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    peer: str
+    engine: str
+    transport: str
+    probe_bytes: int
+    read_bytes_per_second: float
+    write_bytes_per_second: float
+    read_error: str
+    write_error: str
+    direction: str
+    degraded: _containers.RepeatedScalarFieldContainer[str]
+    expected_bytes_per_second: float
+    probed_unix_ms: int
+    def __init__(self, peer: _Optional[str] = ..., engine: _Optional[str] = ..., transport: _Optional[str] = ..., probe_bytes: _Optional[int] = ..., read_bytes_per_second: _Optional[float] = ..., write_bytes_per_second: _Optional[float] = ..., read_error: _Optional[str] = ..., write_error: _Optional[str] = ..., direction: _Optional[str] = ..., degraded: _Optional[_Iterable[str]] = ..., expected_bytes_per_second: _Optional[float] = ..., probed_unix_ms: _Optional[int] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("request_id", "engine_name", "side_channel_address", "block_ids", "timeout_seconds")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_NAME_FIELD_NUMBER: _ClassVar[int]
+    SIDE_CHANNEL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    engine_name: str
+    side_channel_address: str
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    timeout_seconds: float
+    def __init__(self, request_id: _Optional[str] = ..., engine_name: _Optional[str] = ..., side_channel_address: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class PushResponse(_message.Message):
+    __slots__ = ("bytes", "descriptors", "transfer_seconds", "handshake_seconds", "engine")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTORS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HANDSHAKE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    descriptors: int
+    transfer_seconds: float
+    handshake_seconds: float
+    engine: str
+    def __init__(self, bytes: _Optional[int] = ..., descriptors: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., handshake_seconds: _Optional[float] = ..., engine: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("request_id", "reason")
@@ -249,7 +309,7 @@ class Counters(_message.Message):
     def __init__(self, requests_total: _Optional[int] = ..., requests_done: _Optional[int] = ..., requests_failed: _Optional[int] = ..., transfers: _Optional[int] = ..., bytes_transferred: _Optional[int] = ..., descriptors: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., transfer_failures: _Optional[int] = ..., lease_expiries: _Optional[int] = ..., leases_released: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., corrupt_transfers: _Optional[int] = ..., transfer_retries: _Optional[int] = ..., auth_failures: _Optional[int] = ..., cancellations: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("role", "engine_name", "backend", "kv_layout", "num_blocks", "free_blocks", "blocks_in_use", "leased_blocks", "draining", "requests", "counters", "block_size", "compat_hash", "quarantined_blocks", "threads", "thread_names", "guard_band_bytes_changed")
+    __slots__ = ("role", "engine_name", "backend", "kv_layout", "num_blocks", "free_blocks", "blocks_in_use", "leased_blocks", "draining", "requests", "counters", "block_size", "compat_hash", "quarantined_blocks", "threads", "thread_names", "guard_band_bytes_changed", "peer_paths")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -267,6 +327,7 @@ class StatsResponse(_message.Message):
     THREADS_FIELD_NUMBER: _ClassVar[int]
     THREAD_NAMES_FIELD_NUMBER: _ClassVar[int]
     GUARD_BAND_BYTES_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    PEER_PATHS_FIELD_NUMBER: _ClassVar[int]
     role: Role
     engine_name: str
     backend: str
@@ -284,4 +345,5 @@ class StatsResponse(_message.Message):
     threads: int
     thread_names: _containers.RepeatedScalarFieldContainer[str]
     guard_band_bytes_changed: int
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., engine_name: _Optional[str] = ..., backend: _Optional[str] = ..., kv_layout: _Optional[str] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., blocks_in_use: _Optional[int] = ..., leased_blocks: _Optional[int] = ..., draining: _Optional[bool] = ..., requests: _Optional[_Iterable[_Union[RequestStatus, _Mapping]]] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., block_size: _Optional[int] = ..., compat_hash: _Optional[str] = ..., quarantined_blocks: _Optional[int] = ..., threads: _Optional[int] = ..., thread_names: _Optional[_Iterable[str]] = ..., guard_band_bytes_changed: _Optional[int] = ...) -> None: ...
+    peer_paths: _containers.RepeatedCompositeFieldContainer[PeerPath]
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., engine_name: _Optional[str] = ..., backend: _Optional[str] = ..., kv_layout: _Optional[str] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., blocks_in_use: _Optional[int] = ..., leased_blocks: _Optional[int] = ..., draining: _Optional[bool] = ..., requests: _Optional[_Iterable[_Union[RequestStatus, _Mapping]]] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., block_size: _Optional[int] = ..., compat_hash: _Optional[str] = ..., quarantined_blocks: _Optional[int] = ..., threads: _Optional[int] = ..., thread_names: _Optional[_Iterable[str]] = ..., guard_band_bytes_changed: _Optional[int] = ..., peer_paths: _Optional[_Iterable[_Union[PeerPath, _Mapping]]] = ...) -> None: ...

@@ -55,6 +55,11 @@ class KVBridgeServiceStub:
                 request_serializer=kvbridge_dot_v1_dot_kvbridge__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvbridge_dot_v1_dot_kvbridge__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Push = channel.unary_unary(
+                '/kvbridge.v1.KVBridgeService/Push',
+                request_serializer=kvbridge_dot_v1_dot_kvbridge__pb2.PushRequest.SerializeToString,
+                response_deserializer=kvbridge_dot_v1_dot_kvbridge__pb2.PushResponse.FromString,
+                _registered_method=True)
 
 
 class KVBridgeServiceServicer:
@@ -91,6 +96,14 @@ class KVBridgeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Push(self, request, context):
+        """Push writes a leased request's KV blocks into the caller's blocks (the caller's
+        probe found its reads degraded). Served by prefill daemons, for the lease's owner.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVBridgeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +126,11 @@ def add_KVBridgeServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvbridge_dot_v1_dot_kvbridge__pb2.StatsRequest.FromString,
                     response_serializer=kvbridge_dot_v1_dot_kvbridge__pb2.StatsResponse.SerializeToString,
+            ),
+            'Push': grpc.unary_unary_rpc_method_handler(
+                    servicer.Push,
+                    request_deserializer=kvbridge_dot_v1_dot_kvbridge__pb2.PushRequest.FromString,
+                    response_serializer=kvbridge_dot_v1_dot_kvbridge__pb2.PushResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +242,33 @@ class KVBridgeService:
             '/kvbridge.v1.KVBridgeService/Stats',
             kvbridge_dot_v1_dot_kvbridge__pb2.StatsRequest.SerializeToString,
             kvbridge_dot_v1_dot_kvbridge__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Push(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvbridge.v1.KVBridgeService/Push',
+            kvbridge_dot_v1_dot_kvbridge__pb2.PushRequest.SerializeToString,
+            kvbridge_dot_v1_dot_kvbridge__pb2.PushResponse.FromString,
             options,
             channel_credentials,
             insecure,
