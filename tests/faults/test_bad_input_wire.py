@@ -19,8 +19,10 @@ import pytest
 import zmq
 from engines import BACKENDS, require
 from faultkit import NUM_BLOCKS, gen, healthy, local_daemon, stats, wait_for
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kvbridge.connector.serving.daemon.common import SERVICE_NAME
 from kvbridge.connector.transfer import metadata as md
 from kvbridge.connector.transfer.errors import HandshakeError
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
@@ -195,6 +197,9 @@ def crafted(request, tmp_path_factory):
     fake = FakePrefill()
     server = grpc.server(futures.ThreadPoolExecutor(4))
     pb_grpc.add_KVBridgeServiceServicer_to_server(fake, server)
+    ready = health.HealthServicer()  # a decode daemon is ready once its prefill is
+    ready.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(ready, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     decode = local_daemon("decode", request.param, tmp, f"victim-{request.param}",

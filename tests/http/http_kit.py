@@ -86,8 +86,14 @@ class Reference:
         return tuple(generate_monolithic(self.model, ids, n, block_size=BLOCK_SIZE))
 
     def texts(self, ids) -> list[str]:
-        """Per-token texts, as the daemon streams them."""
-        return [self.tok.decode([i]) for i in ids]
+        """Per-token texts, as the daemon streams them when ``ids`` end the generation:
+        incremental detokenization (a character's bytes are held back until complete),
+        what is still held added to the last."""
+        d = self.tok.stream()
+        out = [d.push(i) for i in ids]
+        if out:
+            out[-1] += d.flush()
+        return out
 
     def text(self, prompt: str, n: int) -> str:
         return "".join(self.texts(self.tokens(prompt, n)))
