@@ -75,6 +75,7 @@ def one_request(stub, rid: str, prompt: list[int], max_new: int, timeout: float)
         "itl": itl,
         "prefill": info.prefill_seconds,
         "pull": info.transfer_seconds,
+        "path": f"{info.engine or '?'}/{info.direction or '?'}",
         "seconds": time.perf_counter() - t0,
     }
 
@@ -119,6 +120,8 @@ def run_level(target: str, c: int, n_req: int, args, rng: random.Random) -> tupl
         "seconds": round(wall, 2),
         "prefill_p50_ms": round(1e3 * pct([r["prefill"] for r in done], 0.5), 2),
         "pull_p50_ms": round(1e3 * pct([r["pull"] for r in done], 0.5), 2),
+        # which engine moved the KV and how (TransferInfo.engine / direction)
+        "paths": sorted({r["path"] for r in done}),
     }
     if errors:
         row["first_error"] = errors[0]

@@ -14,7 +14,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from kvbridge.connector.serving.daemon.config import ConfigError, add_daemon_arguments
+from kvbridge.connector.serving.daemon.config import ConfigError
+from kvbridge.connector.serving.daemon.config_args import add_daemon_arguments
 from kvbridge.connector.transfer.transport.registry import BACKENDS, DEFAULT_BACKEND
 
 

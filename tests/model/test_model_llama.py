@@ -246,7 +246,7 @@ def test_detokenizer_never_splits_a_character():
 
 def test_decode_refuses_a_peer_of_another_model_or_vocabulary():
     import grpc
-    from kvbridge.connector.serving.daemon.decode import RequestFailedError, check_peer_model
+    from kvbridge.connector.serving.daemon.decode_checks import RequestFailedError, check_peer_model
     from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 
     m = LlamaModel.random(CFG)

@@ -1,7 +1,7 @@
 """Daemon configuration: flags > environment (``KVBRIDGE_<FLAG>``) > config file > defaults.
 
 Every daemon flag is declared once in ``FLAGS``, its default once as the field
-of the same name in ``DaemonConfig``; ``add_daemon_arguments`` puts
+of the same name in ``DaemonConfig``; ``config_args.add_daemon_arguments`` puts
 them on an argparse parser (with ``SUPPRESS`` defaults, so only flags given on
 the command line appear in the namespace) and ``resolve_config`` merges the
 four sources into a ``DaemonConfig``.
@@ -15,7 +15,7 @@ import os
 import secrets
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -352,115 +352,6 @@ class DaemonConfig:
         return self.engine_name or (
             f"{self.role}-{socket.gethostname()}-{os.getpid()}-{_START_TAG}"
         )
-
-
-#: ``--help`` sections of the daemon flags (a flag not listed goes to "other").
-FLAG_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("network", ("host", "advertise-host", "grpc-port", "side-port", "metrics-port")),
-    ("HTTP API (decode)", ("http-port", "served-model-name")),
-    ("batching and admission", ("max-batch", "max-waiting", "max-requests", "cuda-graphs")),
-    ("prefill peers (decode)", ("prefill", "prefill-policy", "pull-retries")),
-    (
-        "security",
-        ("tls-cert", "tls-key", "tls-ca", "auth-token-file", "side-secret-file", "insecure"),
-    ),
-    (
-        "transfer and KV cache",
-        (
-            "backend",
-            "kv-layout",
-            "num-blocks",
-            "block-size",
-            "lease-seconds",
-            "transfer-timeout",
-            "engine-name",
-            "engine-drain-seconds",
-            "guard-bytes",
-        ),
-    ),
-    (
-        "transfer path",
-        (
-            "local-transport",
-            "transfer-direction",
-            "probe-bytes",
-            "path-warn-fraction",
-            "expected-bandwidth-gbps",
-            "degrade",
-        ),
-    ),
-    (
-        "model and compute",
-        (
-            "model-path",
-            "device",
-            "dtype",
-            "attention-backend",
-            "torch-threads",
-            "num-layers",
-            "hidden-size",
-            "num-heads",
-            "num-kv-heads",
-            "head-dim",
-            "intermediate-size",
-            "vocab-size",
-            "seed",
-            "max-new-tokens",
-        ),
-    ),
-    (
-        "lifecycle and logging",
-        ("request-timeout", "drain-timeout", "ready-file", "log-level", "engine-log-level"),
-    ),
-)
-
-
-def _argparse_type(convert: Callable[[str], Any]) -> Callable[[str], Any]:
-    """``convert`` whose ``ValueError`` text reaches the user (argparse would say only
-    ``invalid _port value``)."""
-
-    def parse(text: str) -> Any:
-        try:
-            return convert(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
-
-    parse.__name__ = convert.__name__.strip("_")
-    return parse
-
-
-def add_daemon_arguments(parser: argparse.ArgumentParser, role: str) -> None:
-    """Add ``--config`` and every daemon flag of ``role`` to ``parser``, in help groups."""
-    groups = {title: parser.add_argument_group(title) for title, _ in FLAG_GROUPS}
-    group_of = {name: groups[title] for title, names in FLAG_GROUPS for name in names}
-    other = parser.add_argument_group("other")
-    parser.add_argument(
-        "--config",
-        default=argparse.SUPPRESS,
-        help=f"YAML or JSON file of flag values (keys with '_'); env {ENV_PREFIX}CONFIG",
-    )
-    defaults = asdict(DaemonConfig(role=role))
-    for flag in FLAGS:
-        if role not in flag.roles:
-            continue
-        target = group_of.get(flag.name, other)
-        kw: dict[str, Any] = {
-            "dest": flag.key,
-            "default": argparse.SUPPRESS,
-            "help": f"{flag.help} (env {flag.env}; default {defaults[flag.key]!r})",
-        }
-        if flag.switch:
-            target.add_argument(f"--{flag.name}", action="store_true", **kw)
-            continue
-        if flag.negatable:
-            target.add_argument(f"--{flag.name}", action=argparse.BooleanOptionalAction, **kw)
-            continue
-        kw["type"] = _argparse_type(flag.type)
-        if flag.choices:
-            kw["choices"] = flag.choices
-        if flag.repeat:
-            kw["action"] = "append"
-        target.add_argument(f"--{flag.name}", **kw)
 
 
 def _convert(flag: Flag, value: Any, source: str) -> Any:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hmac
 import queue
-import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ import grpc
 from kvbridge.connector.serving.daemon.allocator import OutOfBlocksError
 from kvbridge.connector.serving.daemon.checksum import kv_checksum
 from kvbridge.connector.serving.daemon.common import check_request_id, check_tokens, stats_response
+from kvbridge.connector.serving.daemon.decode_checks import check_peer_model, sampling_params
 from kvbridge.connector.serving.daemon.latency import LatencyMetrics
 from kvbridge.connector.serving.daemon.peer_calls import PeerCalls, PeerRefused, remaining
 from kvbridge.connector.serving.daemon.prefill_pool import PrefillPool
@@ -41,12 +41,10 @@ from kvbridge.connector.serving.engine import (
     AdmissionCancelledError,
     DecodeEngine,
     QueueFullError,
-    SamplingParams,
     Sequence,
 )
 from kvbridge.connector.serving.engine.metrics import step_recorder
 from kvbridge.connector.serving.model import blocks_needed
-from kvbridge.connector.serving.model.identity import same_model
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 
@@ -59,22 +57,6 @@ Held = list[tuple[list[int], Callable[[], bool]]]
 
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, None: 0}
 LEAVE_WAIT_SECONDS = 30.0  # how long a finished stream waits for the engine to drop its rows
-
-
-def check_peer_model(model, h: pb.KVHandle, target: str) -> None:
-    """Refuse KV from another model, and a first token outside our vocabulary."""
-    if not same_model(h.model_id, model.identity):
-        raise RequestFailedError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f"model mismatch: prefill {target} serves {h.model_id or 'an unnamed model'}, "
-            f"this decode daemon {model.identity}",
-        )
-    if not 0 <= h.first_token_id < model.cfg.vocab_size:
-        raise RequestFailedError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f"prefill {target} returned token id {h.first_token_id}, outside this model's "
-            f"vocabulary [0, {model.cfg.vocab_size})",
-        )
 
 
 class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
@@ -521,18 +503,3 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
     def close(self) -> None:
         """Stop the engine loop (after the drain)."""
         self.engine.stop()
-
-
-def sampling_params(request: pb.GenerateRequest, context: grpc.ServicerContext) -> SamplingParams:
-    """Checked sampling fields of ``request`` (INVALID_ARGUMENT naming the bad one)."""
-    t, p, k = request.temperature, request.top_p, request.top_k
-    if not 0.0 <= t <= 100.0:  # also refuses NaN
-        context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT, f"temperature must lie in [0, 100], got {t}"
-        )
-    if not 0.0 <= p <= 1.0:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"top_p must lie in [0, 1], got {p}")
-    if k < 0:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"top_k must be >= 0, got {k}")
-    seed = request.seed if request.HasField("seed") else random.getrandbits(64)
-    return SamplingParams(temperature=t, top_p=p, top_k=k, seed=seed)
