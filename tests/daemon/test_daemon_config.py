@@ -160,3 +160,12 @@ def test_path_flags_parse_and_refuse_bad_values():
             resolve_config("decode", {}, env)
     with pytest.raises(ConfigError, match="--transfer-direction"):
         resolve_config("decode", {}, {"KVBRIDGE_TRANSFER_DIRECTION": "sideways"})
+
+
+def test_every_daemon_flag_sits_in_a_help_group_once():
+    from kvbridge.connector.serving.daemon.config import FLAGS
+    from kvbridge.connector.serving.daemon.config_args import FLAG_GROUPS
+
+    grouped = [name for _, names in FLAG_GROUPS for name in names]
+    assert len(grouped) == len(set(grouped))
+    assert sorted(grouped) == sorted(f.name for f in FLAGS)
