@@ -84,8 +84,9 @@ class DaemonProcess:
             )
         return self
 
-    def wait_ready(self, timeout: float = 60.0) -> dict:
-        """Wait for the ready file and a SERVING health check; returns the bound ports."""
+    def wait_ready(self, timeout: float = 60.0, service: str = "") -> dict:
+        """Wait for the ready file and a SERVING health check of ``service`` (readiness
+        by default; ``kvbridge.liveness``: only up); returns the bound ports."""
         deadline = time.monotonic() + timeout
         while not self.ready_file.exists():
             if self.proc is None or self.proc.poll() is not None:
@@ -96,14 +97,23 @@ class DaemonProcess:
                 )
             time.sleep(0.05)
         self.info = json.loads(self.ready_file.read_text())
+        # readiness: a decode daemon turns SERVING once a prefill daemon answers its
+        # health check (checked every second), which may be after its ready file
         with self.channel() as ch:
-            resp = health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service=""),
-                timeout=max(1.0, deadline - time.monotonic()),
-            )
-        if resp.status != health_pb2.HealthCheckResponse.SERVING:
-            raise RuntimeError(f"{self.name} health is {resp.status}")
-        return self.info
+            stub = health_pb2_grpc.HealthStub(ch)
+            while True:
+                resp = stub.Check(
+                    health_pb2.HealthCheckRequest(service=service),
+                    timeout=max(1.0, deadline - time.monotonic()),
+                )
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return self.info
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited during startup:\n{self.log_tail()}")
+                if time.monotonic() > deadline:
+                    name = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+                    raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s: {name}")
+                time.sleep(0.05)
 
     @property
     def target(self) -> str:

@@ -166,9 +166,13 @@ def record(stub: pb_grpc.KVBridgeServiceStub, request_id: str) -> pb.RequestStat
     return next((r for r in stats(stub).requests if r.request_id == request_id), None)
 
 
-def healthy(proc: DaemonProcess) -> bool:
+def healthy(proc: DaemonProcess, service: str = "") -> bool:
+    """SERVING for ``service``: readiness (``""``, a decode daemon needs a live prefill
+    daemon) or liveness (``LIVENESS_SERVICE``: the daemon is up)."""
     with proc.channel() as ch:
-        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        resp = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=10
+        )
     return resp.status == health_pb2.HealthCheckResponse.SERVING
 
 

@@ -25,6 +25,7 @@ from faultkit import (
     stats,
     wait_for,
 )
+from kvbridge.connector.serving.daemon.health import LIVENESS_SERVICE
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 
 pytestmark = [pytest.mark.faults, pytest.mark.netns]
@@ -68,7 +69,9 @@ def test_prefill_sigkill_mid_transfer(backend, lab, tmp_path):
                  20, "decode frees the blocks of the failed pull")  # fmt: skip
         s = stats(pair.d)
         assert s.counters.transfer_failures >= 1 and s.guard_band_bytes_changed == 0
-        assert healthy(pair.decode)
+        assert healthy(pair.decode, LIVENESS_SERVICE)  # up, and
+        # not ready while its only prefill daemon is dead (the pool checks every second)
+        wait_for(lambda: not healthy(pair.decode), 5, "readiness follows the dead prefill")
         # a prefill daemon comes back on the same address: requests succeed again
         lab.unshape()
         pair.start_prefill()
