@@ -320,7 +320,8 @@ def main() -> int:
     try:
         prefill.start().wait_ready(600)
         decode = DaemonProcess("decode", [*common, "--side-port", str(free_port()),
-                               "--kv-layout", "nhd", "--prefill", prefill.target, *extra],
+                               "--kv-layout", "nhd", "--prefill", prefill.target,
+                               "--http-port", "-1", *extra],
                                log_dir, name="decode")  # fmt: skip
         decode.start().wait_ready(600)
         with grpc.insecure_channel(decode.target) as ch:  # warm-up (handshake, kernels)

@@ -140,12 +140,11 @@ class Daemon:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self.server.start()
-        from kvbridge.connector.serving.http.server import start_http
+        sock = self.listeners.handles.pop("http-port", None)  # bound with the others
+        if sock is not None:  # a decode daemon without --http-port -1
+            from kvbridge.connector.serving.http.server import start_http
 
-        # None: a prefill daemon or --http-port -1; the socket was bound with the others
-        self.http = start_http(
-            cfg, auth, rt, self.grpc_port, sock=self.listeners.handles.pop("http-port", None)
-        )
+            self.http = start_http(cfg, auth, rt, self.grpc_port, sock=sock)
         if self.pool is None:
             self.health_state.set_ready(True)
         else:  # ready once a prefill daemon answers SERVING (checked now, then every second)
