@@ -149,11 +149,11 @@ def _bind_metrics(ctx: BindContext, lst: Listeners) -> None:
 
 
 def _bind_http(ctx: BindContext, lst: Listeners) -> None:
-    from kvbridge.connector.serving.http.server import bind
-
     cfg = ctx.cfg
     if cfg.role != "decode" or cfg.http_port < 0:
-        return
+        return  # no HTTP API: its ASGI stack is not even imported
+    from kvbridge.connector.serving.http.server import bind
+
     try:
         sock = bind(cfg.host, cfg.http_port)
     except OSError as exc:
