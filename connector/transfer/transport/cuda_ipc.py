@@ -64,12 +64,19 @@ class CudaDriver:
     def __init__(self) -> None:
         try:
             lib = ctypes.CDLL("libcuda.so.1")
+            # the same library, called without releasing the GIL: for the calls that
+            # never block (queueing a copy, recording or querying an event). ``CDLL``
+            # releases and re-takes the GIL around every call, and under contention
+            # (an engine thread, many streams) each re-take waits a switch interval:
+            # a pull of hundreds of ranges then took hundreds of milliseconds.
+            fast = ctypes.PyDLL("libcuda.so.1")
         except OSError as exc:
             raise EngineUnavailableError(f"CUDA IPC needs the CUDA driver: {exc}") from None
-        for name, args in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, ctypes.c_int
-        self._lib = lib
+        for handle in (lib, fast):
+            for name, args in _SIGNATURES.items():
+                fn = getattr(handle, name)
+                fn.argtypes, fn.restype = args, ctypes.c_int
+        self._lib, self._fast = lib, fast
         self._lock = threading.Lock()
         self._ctx: dict[int, ctypes.c_void_p] = {}
         self._streams: dict[int, ctypes.c_void_p] = {}
@@ -97,7 +104,9 @@ class CudaDriver:
                     self._call("cuDeviceGet", ctypes.byref(dev), device)
                     self._call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), dev)
                     self._ctx[device] = ctx
-        self._call("cuCtxSetCurrent", ctx)
+        rc = self._fast.cuCtxSetCurrent(ctx)
+        if rc != CUDA_SUCCESS:
+            raise TransferFailedError(f"CUDA cuCtxSetCurrent failed: {self._error(rc)}")
 
     def export(self, addr: int, device: int) -> tuple[bytes, int]:
         """``(ipc handle, offset of addr in its allocation)`` of device memory at ``addr``."""
@@ -148,20 +157,23 @@ class CudaDriver:
         self.use(device)
         with self._lock:
             stream = self._stream(device)
-        memcpy = self._lib.cuMemcpyDtoDAsync_v2
+        memcpy = self._fast.cuMemcpyDtoDAsync_v2  # asynchronous: holds the GIL throughout
         for d, s, n in zip(dst.tolist(), src.tolist(), nbytes.tolist(), strict=True):
             rc = memcpy(d, s, n, stream)
             if rc != CUDA_SUCCESS:
                 raise TransferFailedError(f"CUDA copy of {n} bytes failed: {self._error(rc)}")
         event = _vp()
-        self._call("cuEventCreate", ctypes.byref(event), EVENT_DISABLE_TIMING)
-        self._call("cuEventRecord", event, stream)
+        for name, args in (("cuEventCreate", (ctypes.byref(event), EVENT_DISABLE_TIMING)),
+                           ("cuEventRecord", (event, stream))):  # fmt: skip
+            rc = getattr(self._fast, name)(*args)
+            if rc != CUDA_SUCCESS:
+                raise TransferFailedError(f"CUDA {name} failed: {self._error(rc)}")
         return event
 
     def done(self, device: int, event) -> bool:
         """Whether the copies before ``event`` finished (``TransferFailedError`` if they broke)."""
         self.use(device)
-        rc = self._lib.cuEventQuery(event)
+        rc = self._fast.cuEventQuery(event)
         if rc == CUDA_ERROR_NOT_READY:
             return False
         if rc != CUDA_SUCCESS:
