@@ -201,10 +201,12 @@ class StagingPool:
     """Staging buffers for concurrent staged reads, ``max_bytes`` in all.
 
     ``acquire`` waits (bounded) for a free buffer; a staged read holds its buffer
-    from post to relayout.
+    from post to relayout. ``max_buffers`` bounds the staged reads in flight: as many
+    as a decode daemon pulls at once for a full batch (with 4, 64 concurrent pulls of
+    a relayout went through in waves of 4 and waited seconds for a buffer).
     """
 
-    def __init__(self, transport: Transport, device: str, max_bytes: int, max_buffers: int = 4):
+    def __init__(self, transport: Transport, device: str, max_bytes: int, max_buffers: int = 64):
         self.transport, self.device = transport, device
         self.max_bytes, self.max_buffers = max_bytes, max_buffers
         self._cond = threading.Condition()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -183,6 +184,8 @@ class Transport(ABC):
         self._peers: dict[str, RegionTable] = {}
         self._closed = False
         self._degraded: dict[str, float] = {}
+        # registrations from several threads (staging buffers grow while pulls run)
+        self._registration = threading.RLock()
 
     # ------------------------------------------------------------ engine hooks
     @abstractmethod
@@ -246,18 +249,20 @@ class Transport(ABC):
         """Register one region with the engine (one call); returns its local index."""
         if region.nbytes <= 0 or region.addr <= 0:
             raise DescriptorError(f"cannot register region {region}: empty or null")
-        handle = self._register(region)
-        self._local.append(region)
-        self._local_handles.append(handle)
-        self._local_table = RegionTable(self._local, "local")
-        return len(self._local) - 1
+        with self._registration:
+            handle = self._register(region)
+            self._local.append(region)
+            self._local_handles.append(handle)
+            self._local_table = RegionTable(self._local, "local")
+            return len(self._local) - 1
 
     def deregister_region(self, index: int) -> None:
-        if not 0 <= index < len(self._local) or self._local[index] is None:
-            raise DescriptorError(f"local region {index} is not registered")
-        handle, self._local_handles[index] = self._local_handles[index], None
-        self._local[index] = None
-        self._local_table = RegionTable(self._local, "local")
+        with self._registration:
+            if not 0 <= index < len(self._local) or self._local[index] is None:
+                raise DescriptorError(f"local region {index} is not registered")
+            handle, self._local_handles[index] = self._local_handles[index], None
+            self._local[index] = None
+            self._local_table = RegionTable(self._local, "local")
         self._deregister(handle)
 
     @property

@@ -67,21 +67,28 @@ class RoutedTransport(Transport):
 
     # ------------------------------------------------------------ registration
     def register_region(self, region: MemRegion) -> int:
-        index = self.primary.register_region(region)
-        if self.local_ok:
-            try:
-                assert self.local.register_region(region) == index
-            except TransferError as exc:  # e.g. memory CUDA IPC cannot export
-                log.warning("local transport off for %s: %s", self.name, exc)
-                self.local_ok = False
-        return index
+        with self._registration:  # both engines give the region the same index
+            index = self.primary.register_region(region)
+            if self.local_ok:
+                try:
+                    local = self.local.register_region(region)
+                except TransferError as exc:  # e.g. memory CUDA IPC cannot export
+                    log.warning("local transport off for %s: %s", self.name, exc)
+                    self.local_ok = False
+                else:
+                    if local != index:
+                        raise TransferError(
+                            f"region indices diverged: {self.backend} {index}, local {local}"
+                        )
+            return index
 
     def deregister_region(self, index: int) -> None:
-        try:
-            self.primary.deregister_region(index)
-        finally:
-            if self.local_ok:
-                self.local.deregister_region(index)
+        with self._registration:
+            try:
+                self.primary.deregister_region(index)
+            finally:
+                if self.local_ok:
+                    self.local.deregister_region(index)
 
     @property
     def local_regions(self) -> list[MemRegion | None]:
