@@ -1,0 +1,99 @@
+"""The Hopper MLA backend (``gluon-mla``) on the CPU: who may run it, and that its kernel
+compiles for sm_90 (wgmma, cp.async, shared memory within Hopper's 227 KiB).
+
+Its numbers are checked on the GPU (bench/decode_mla.py, float64 brute force); here
+nothing can run it, so these tests pin the choice logic and the compiled program.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from decode_truth import make_case
+from kvbridge.kernels import PagedDecodeError, paged_decode
+from kvbridge.kernels.backends import REGISTRY, resolve
+from kvbridge.kernels.checks import check_inputs
+
+HOPPER_SMEM = 232448  # bytes of shared memory one program may use on sm_90
+
+
+def _mla(**kw):
+    return make_case("mla", seq_lens=[5, 70], num_q_heads=16, block_size=64, **kw)
+
+
+def _problem(c):
+    return check_inputs(c.q, c.k, c.v, c.block_table, c.seq_lens, None, None, None, None)
+
+
+def test_auto_on_cpu_never_picks_it():
+    c = _mla()
+    assert resolve("auto", _problem(c), torch.device("cpu")).name == "torch"
+    assert next(iter(REGISTRY)) == "gluon-mla"  # first for auto where it can run
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: _mla(), r"needs a CUDA device"),
+        (
+            lambda: make_case("nhd", seq_lens=[5], num_q_heads=4, num_kv_heads=2),
+            r"needs the MLA shape",
+        ),
+        (lambda: _mla(kv_dtype=torch.float8_e4m3fn), r"needs a bf16 or fp16 cache"),
+    ],
+)
+def test_refused_with_a_clear_error(make, match):
+    c = make()
+    with pytest.raises(PagedDecodeError, match=match):
+        paged_decode(c.q, c.k, c.v, c.block_table, c.seq_lens, backend="gluon-mla",
+                     **c.kwargs())  # fmt: skip
+
+
+def test_v_not_a_prefix_of_k_is_refused():
+    c = _mla()
+    v = c.k[..., :512].clone()  # same values, other memory: the kernel reads V from K's tile
+    with pytest.raises(PagedDecodeError, match=r"needs the MLA shape"):
+        paged_decode(c.q, c.k, v, c.block_table, c.seq_lens, backend="gluon-mla")
+
+
+def _compile(direct: bool, causal: bool, window: bool, block_n: int, stages: int):
+    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton.experimental.gluon")
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from kvbridge.kernels.gluon_mla import mla_decode_hopper as k
+
+    ptrs = ["q_ptr", "k_ptr", "v_ptr", "bt_ptr", "seq_ptr", "o_ptr", "lse_ptr", "ks_ptr", "vs_ptr"]
+    types = {n: "*bf16" for n in ptrs}
+    types.update(bt_ptr="*i32", seq_ptr="*i32", lse_ptr="*fp32", qk_scale="fp32",
+                 k_scale="fp32", v_scale="fp32", o_ptr="*bf16" if direct else "*fp32")  # fmt: skip
+    consts = dict(PAGE=64, HEAD_TILES=2, DV_TILES=1, DA=512, DT=64, DV=512, BLOCK_DA=512,
+                  BLOCK_DT=64, BLOCK_DV=512, BLOCK_H=64, BLOCK_N=block_n, V_SHARED=True,
+                  DIRECT=direct, K_SCALE_PTR=False, V_SCALE_PTR=False, CAUSAL=causal,
+                  WINDOW=window, PRECISION="tf32", UPCAST=False, NUM_STAGES=stages)  # fmt: skip
+    sig = {n: "constexpr" if n in consts else types.get(n, "i64") for n in k.arg_names}
+    aligned = ptrs + ["stride_kb", "stride_kt", "stride_qb", "stride_qh", "stride_ob"]
+    attrs = {(k.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    try:
+        return triton.compile(GluonASTSource(k, sig, consts, attrs),
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))  # fmt: skip
+    except RuntimeError as e:  # no ptxas for this platform
+        if "ptxas" in str(e).lower():
+            pytest.skip(f"cannot assemble for sm_90 here: {e}")
+        raise
+
+
+@pytest.mark.parametrize(
+    "direct,causal,window,block_n,stages",
+    [(True, False, False, 64, 2), (False, True, True, 64, 2), (True, False, False, 32, 3)],
+)
+def test_kernel_compiles_for_sm90(direct, causal, window, block_n, stages):
+    c = _compile(direct, causal, window, block_n, stages)
+    ptx = c.asm["ptx"]
+    # Q K^T: 576 / 16 k-steps, P V: block_n / 16 k-steps, each one wgmma per warpgroup
+    assert len(re.findall(r"wgmma\.mma_async", ptx)) == 576 // 16 + block_n // 16
+    assert "cp.async.cg.shared.global" in ptx  # 16-byte async copies of the latent rows
+    assert c.metadata.shared <= HOPPER_SMEM
