@@ -61,10 +61,9 @@ def test_v_not_a_prefix_of_k_is_refused():
 def _compile(direct: bool, causal: bool, window: bool, block_n: int, stages: int):
     triton = pytest.importorskip("triton")
     pytest.importorskip("triton.experimental.gluon")
+    from kvbridge.kernels.gluon_mla import mla_decode_hopper as k
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
-
-    from kvbridge.kernels.gluon_mla import mla_decode_hopper as k
 
     ptrs = ["q_ptr", "k_ptr", "v_ptr", "bt_ptr", "seq_ptr", "o_ptr", "lse_ptr", "ks_ptr", "vs_ptr"]
     types = {n: "*bf16" for n in ptrs}
@@ -75,11 +74,11 @@ def _compile(direct: bool, causal: bool, window: bool, block_n: int, stages: int
                   DIRECT=direct, K_SCALE_PTR=False, V_SCALE_PTR=False, CAUSAL=causal,
                   WINDOW=window, PRECISION="tf32", UPCAST=False, NUM_STAGES=stages)  # fmt: skip
     sig = {n: "constexpr" if n in consts else types.get(n, "i64") for n in k.arg_names}
-    aligned = ptrs + ["stride_kb", "stride_kt", "stride_qb", "stride_qh", "stride_ob"]
+    aligned = [*ptrs, "stride_kb", "stride_kt", "stride_qb", "stride_qh", "stride_ob"]
     attrs = {(k.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     try:
-        return triton.compile(GluonASTSource(k, sig, consts, attrs),
-                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))  # fmt: skip
+        src = GluonASTSource(k, sig, consts, attrs)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
     except RuntimeError as e:  # no ptxas for this platform
         if "ptxas" in str(e).lower():
             pytest.skip(f"cannot assemble for sm_90 here: {e}")
