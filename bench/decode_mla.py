@@ -41,13 +41,22 @@ from kvbridge.kernels.triton_launch import (
 )
 
 CASE = "mla-b64-s4096"
-# (block_n, num_stages, splits): ring of num_stages latent tiles of block_n keys
-GLUON_SWEEP = [(64, 2, None), (32, 3, None), (32, 4, None), (64, 2, 2)]
+# (block_n, num_stages, splits, dup_scores): a ring of num_stages latent tiles of block_n
+# keys; dup_scores: both warpgroups compute all of S (softmax without cross-warp steps)
+GLUON_SWEEP = [(64, 2, None, False), (64, 2, None, True), (32, 3, None, True),
+               (32, 4, None, False), (64, 2, 2, True), (64, 2, 3, False)]  # fmt: skip
+TIMED = {  # (T, window) -> the Gluon configs timed
+    (1, None): [(64, 2, None, False), (64, 2, None, True), (64, 2, 2, False), (64, 2, 2, True),
+                (32, 3, None, True)],
+    (2, None): [(64, 2, None, False), (64, 2, None, True)],
+    (4, None): [(64, 2, None, False), (64, 2, None, True)],
+    (1, 1024): [(64, 2, 1, False), (64, 2, 1, True), (64, 2, 2, True)],
+}  # fmt: skip
 
 
-def gcfg(bn: int, st: int, sp: int | None) -> TritonConfig:
+def gcfg(bn: int, st: int, sp: int | None, dup: bool) -> TritonConfig:
     return TritonConfig(block_n=bn, block_h=64, num_warps=8, num_stages=st, num_splits=sp,
-                        kernel="gluon")  # fmt: skip
+                        kernel="gluon", dup_scores=dup)  # fmt: skip
 
 
 def checks(log) -> list[dict]:
@@ -67,10 +76,13 @@ def checks(log) -> list[dict]:
         ("T=16", {**base, "tokens": 16, "seq_lens": [0, 16, 300, 1000]}, None),
         ("window=100", {**base, "window": 100}, None),
         ("window=1 T=2", {**base, "window": 1, "tokens": 2}, None),
-        ("splits=5", base, (64, 2, 5)),
-        ("splits=3 T=4 window=150", {**base, "tokens": 4, "window": 150}, (64, 2, 3)),
+        ("splits=5", base, (64, 2, 5, True)),
+        ("splits=3 T=4 window=150", {**base, "tokens": 4, "window": 150}, (64, 2, 3, True)),
+        ("splits=3 T=4 window=150 no dup", {**base, "tokens": 4, "window": 150},
+         (64, 2, 3, False)),
+        ("bs16 dup", {**base, "block_size": 16}, (64, 2, None, True)),
     ]  # fmt: skip
-    cases += [(f"ring {bn}x{st} splits={sp}", base, (bn, st, sp)) for bn, st, sp in GLUON_SWEEP]
+    cases += [(f"ring {c[0]}x{c[1]} splits={c[2]} dup={c[3]}", base, c) for c in GLUON_SWEEP]
     rows = []
     for name, kw, cfg in cases:
         kw = dict(kw)
@@ -147,7 +159,7 @@ def timed_rows(log, peak: float) -> list[dict]:
             f"{tf / peak:6.1%} of matmul err {err:.1e} {r['kernel']}")  # fmt: skip
         return r
 
-    for t, window in ((1, None), (2, None), (4, None), (1, 1024)):
+    for t, window in TIMED:
         _one_shape(row, t, window)
         torch.cuda.empty_cache()
     return rows
@@ -162,10 +174,10 @@ def _one_shape(row, t: int, window: int | None) -> None:
         q, k, v, table, seq, t, window)  # fmt: skip
     row("portable triton", lambda: triton_paged_decode(q, k, v, table, seq, p, None, None, out),
         q, k, v, table, seq, t, window)  # fmt: skip
-    for bn, st, sp in GLUON_SWEEP if (t, window) == (1, None) else GLUON_SWEEP[:2]:
-        cfg = gcfg(bn, st, sp)
+    for bn, st, sp, dup in TIMED[(t, window)]:
+        cfg = gcfg(bn, st, sp, dup)
         try:
-            row(f"gluon {bn}x{st} splits={sp}", lambda cfg=cfg: gluon_mla_paged_decode(
+            row(f"gluon {bn}x{st} splits={sp} dup={dup}", lambda cfg=cfg: gluon_mla_paged_decode(
                 q, k, v, table, seq, p, None, None, out, cfg), q, k, v, table, seq, t, window,
                 cfg.__dict__)  # fmt: skip
         except Exception as e:
@@ -176,7 +188,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--no-checks", action="store_true")
+    ap.add_argument("--once", action="store_true", help="5 default T=1 calls (for a profiler)")
     args = ap.parse_args()
+    if args.once:
+        _, q, k, v, table, seq = bd.build(CASE, "mla")
+        for _ in range(5):
+            paged_decode(q, k, v, table, seq)
+        torch.cuda.synchronize()
+        return
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     props = torch.cuda.get_device_properties(0)

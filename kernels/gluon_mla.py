@@ -16,7 +16,8 @@ and runs 8 warps (two warpgroups):
   warpgroups by a layout conversion, ``O += P V`` with ``V`` = the first 512
   columns of the *same* shared-memory tile (the latent is read once), each
   warpgroup accumulating 256 of the 512 output columns (128 fp32 registers/thread);
-- the ``P V`` MMA of tile i stays in flight while tile i+1's scores are waited for.
+- the ``P V`` MMA of tile i stays in flight into the next iteration; once it retires
+  (while tile i+1's scores are still computing) its slot is refilled.
 
 Same arguments, masks, positions (T > 1 causal, window) and output contract as
 ``triton_kernels.paged_decode_stage1`` (one split writes ``out``, several write
@@ -42,25 +43,29 @@ _DYNAMIC = ["num_blocks", "max_pages", "stride_btb", "tokens_per_split", "group"
 
 
 @gluon.jit
-def _issue_tile(ka_buf, kt_buf, k_head, bt_row, n0, lo, end, num_blocks, stride_kb, stride_kt,
+def _load_ids(bt_row, n0, lo, end, PAGE: gl.constexpr, BLOCK_N: gl.constexpr, L: gl.constexpr):
+    """Block ids of keys [n0, n0 + BLOCK_N) (-1 outside [lo, end)), in layout ``L``."""
+    offs = n0 + gl.arange(0, BLOCK_N, layout=L)
+    return gl.load(bt_row + offs // PAGE, mask=(offs < end) & (offs >= lo), other=-1)
+
+
+@gluon.jit
+def _issue_tile(ka_buf, kt_buf, k_head, pg_a, pg_t, n0, num_blocks, stride_kb, stride_kt,
                 PAGE: gl.constexpr, DA: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr,
                 LD_A: gl.constexpr, LD_T: gl.constexpr):  # fmt: skip
-    """cp.async the latent rows of keys [n0, n0 + BLOCK_N) into one ring slot; rows
-    outside [lo, end) or on a block id outside the cache are zero-filled, not read."""
+    """cp.async the latent rows of keys [n0, n0 + BLOCK_N) into one ring slot (block ids
+    ``pg_a``/``pg_t``, loaded an iteration earlier); rows on a block id outside the cache
+    (-1: outside the walk) are zero-filled, not read."""
     offs_a = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LD_A))
-    ok_a = (offs_a < end) & (offs_a >= lo)
-    pg_a = gl.load(bt_row + offs_a // PAGE, mask=ok_a, other=0).to(gl.int64)
-    ok_a = ok_a & (pg_a >= 0) & (pg_a < num_blocks)
-    row_a = pg_a * stride_kb + (offs_a % PAGE).to(gl.int64) * stride_kt
+    ok_a = (pg_a >= 0) & (pg_a < num_blocks)
+    row_a = pg_a.to(gl.int64) * stride_kb + (offs_a % PAGE).to(gl.int64) * stride_kt
     cols_a = gl.arange(0, DA, layout=gl.SliceLayout(0, LD_A))
     cp.async_copy_global_to_shared(
         ka_buf, k_head + row_a[:, None] + cols_a[None, :], mask=ok_a[:, None]
     )
     offs_t = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LD_T))
-    ok_t = (offs_t < end) & (offs_t >= lo)
-    pg_t = gl.load(bt_row + offs_t // PAGE, mask=ok_t, other=0).to(gl.int64)
-    ok_t = ok_t & (pg_t >= 0) & (pg_t < num_blocks)
-    row_t = pg_t * stride_kb + (offs_t % PAGE).to(gl.int64) * stride_kt
+    ok_t = (pg_t >= 0) & (pg_t < num_blocks)
+    row_t = pg_t.to(gl.int64) * stride_kb + (offs_t % PAGE).to(gl.int64) * stride_kt
     cols_t = DA + gl.arange(0, DT, layout=gl.SliceLayout(0, LD_T))
     cp.async_copy_global_to_shared(
         kt_buf, k_head + row_t[:, None] + cols_t[None, :], mask=ok_t[:, None]
@@ -82,14 +87,19 @@ def mla_decode_hopper(
     BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, V_SHARED: gl.constexpr,
     DIRECT: gl.constexpr, K_SCALE_PTR: gl.constexpr, V_SCALE_PTR: gl.constexpr,
     CAUSAL: gl.constexpr, WINDOW: gl.constexpr, PRECISION: gl.constexpr,
-    UPCAST: gl.constexpr, NUM_STAGES: gl.constexpr,
+    UPCAST: gl.constexpr, NUM_STAGES: gl.constexpr, DUP_S: gl.constexpr,
 ):  # fmt: skip
     gl.static_assert(BLOCK_H == 64)
     gl.static_assert(DA == DV)
     # -- layouts (8 warps: two warpgroups) --
-    S_L: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, BLOCK_N // 2, 16]
-    )
+    if DUP_S:  # both warpgroups compute all of S: row reductions stay inside a warp
+        S_L: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[8, 1], instr_shape=[16, BLOCK_N, 16]
+        )
+    else:  # each warpgroup scores half of the keys (no duplicated MMA work)
+        S_L: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, BLOCK_N // 2, 16]
+        )
     O_L: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, DV // 2, 16]
     )
@@ -142,10 +152,18 @@ def mla_decode_hopper(
     kt_ring = gl.allocate_shared_memory(cdt, [NUM_STAGES, BLOCK_N, DT], SH)
     k_head = k_ptr  # one latent head (kvh == 0): no head stride in the copy addresses
     bt_row = bt_ptr + b * stride_btb
+    SL_A: gl.constexpr = gl.SliceLayout(1, LD_A)
+    SL_T: gl.constexpr = gl.SliceLayout(1, LD_T)
     for s in gl.static_range(NUM_STAGES - 1):  # prologue: the first tiles in flight
-        _issue_tile(ka_ring.index(s), kt_ring.index(s), k_head, bt_row, start + s * BLOCK_N,
-                    lo, end, num_blocks, stride_kb, stride_kt, PAGE, DA, DT, BLOCK_N,
-                    LD_A, LD_T)  # fmt: skip
+        n_s = start + s * BLOCK_N
+        _issue_tile(ka_ring.index(s), kt_ring.index(s), k_head,
+                    _load_ids(bt_row, n_s, lo, end, PAGE, BLOCK_N, SL_A),
+                    _load_ids(bt_row, n_s, lo, end, PAGE, BLOCK_N, SL_T), n_s, num_blocks,
+                    stride_kb, stride_kt, PAGE, DA, DT, BLOCK_N, LD_A, LD_T)  # fmt: skip
+    # block ids of the next tile to fetch, loaded one iteration ahead of their use
+    n_s = start + (NUM_STAGES - 1) * BLOCK_N
+    ids_a = _load_ids(bt_row, n_s, lo, end, PAGE, BLOCK_N, SL_A)
+    ids_t = _load_ids(bt_row, n_s, lo, end, PAGE, BLOCK_N, SL_T)
 
     if K_SCALE_PTR:  # noqa: SIM108
         qk_scale = qk_scale * gl.load(ks_ptr).to(gl.float32)
@@ -163,8 +181,12 @@ def mla_decode_hopper(
         n0 = start + i * BLOCK_N
         offs_n = n0 + gl.arange(0, BLOCK_N, layout=COL_S)
         seen = (offs_n < end) & (offs_n >= lo)
-        pg = gl.load(bt_row + offs_n // PAGE, mask=seen, other=-1)
-        seen = seen & (pg >= 0) & (pg < num_blocks)
+        if PAGE % BLOCK_N == 0:  # the tile lies in one block: one id says if it exists
+            pg1 = gl.load(bt_row + n0 // PAGE)
+            seen = seen & (pg1 >= 0) & (pg1 < num_blocks)
+        else:
+            pg = gl.load(bt_row + offs_n // PAGE, mask=seen, other=-1)
+            seen = seen & (pg >= 0) & (pg < num_blocks)
         cp.wait_group(NUM_STAGES - 2)  # tile i has landed (this thread's copies)
         fence_async_shared()
         _cta_barrier()  # ... and every thread's
@@ -172,12 +194,17 @@ def mla_decode_hopper(
         kt = kt_ring.index(slot)
         s_tok = warpgroup_mma(qa_smem, ka.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s_tok = warpgroup_mma(qt_smem, kt.permute((1, 0)), s_tok, is_async=True)
-        qk, acc = warpgroup_mma_wait(0, deps=(s_tok, acc))  # also retires P V of tile i-1
-        # the slot of tile i-1 is free: fetch tile i + NUM_STAGES - 1 into it
+        # groups in flight: P V of tile i-1, then the two Q K^T of tile i; once the
+        # first retires, tile i-1's slot is free: fetch tile i + NUM_STAGES - 1 into it
+        # while the scores are still being computed
+        acc = warpgroup_mma_wait(2, deps=(acc,))
         nxt = i + NUM_STAGES - 1
         _issue_tile(ka_ring.index(nxt % NUM_STAGES), kt_ring.index(nxt % NUM_STAGES), k_head,
-                    bt_row, start + nxt * BLOCK_N, lo, end, num_blocks, stride_kb, stride_kt,
+                    ids_a, ids_t, start + nxt * BLOCK_N, num_blocks, stride_kb, stride_kt,
                     PAGE, DA, DT, BLOCK_N, LD_A, LD_T)  # fmt: skip
+        ids_a = _load_ids(bt_row, start + (nxt + 1) * BLOCK_N, lo, end, PAGE, BLOCK_N, SL_A)
+        ids_t = _load_ids(bt_row, start + (nxt + 1) * BLOCK_N, lo, end, PAGE, BLOCK_N, SL_T)
+        qk = warpgroup_mma_wait(0, deps=(s_tok,))
         ok = gl.expand_dims(seen, 0)
         if CAUSAL:
             ok = ok & (offs_n[None, :] <= pos[:, None])

@@ -37,6 +37,7 @@ class TritonConfig:
     num_warps: int = 4
     num_stages: int = 3
     kernel: str = "triton"  # "triton": the portable kernel; "gluon": the Hopper MLA kernel
+    dup_scores: bool = False  # gluon: both warpgroups compute all of S (warp-local softmax)
 
 
 def default_config(p: DecodeProblem) -> TritonConfig:
@@ -56,7 +57,10 @@ def default_config(p: DecodeProblem) -> TritonConfig:
 def gluon_mla_config(p: DecodeProblem) -> TritonConfig:
     """The Hopper MLA kernel (gluon_mla.py): 64 query rows x 64-key latent tiles, two
     tiles in a cp.async ring (``num_stages``), two warpgroups."""
-    return TritonConfig(block_n=64, block_h=64, num_warps=8, num_stages=2, kernel="gluon")
+    dup = p.block_size % 64 == 0  # one block id per tile: no per-key id registers
+    return TritonConfig(
+        block_n=64, block_h=64, num_warps=8, num_stages=2, kernel="gluon", dup_scores=dup
+    )
 
 
 @lru_cache(maxsize=16)

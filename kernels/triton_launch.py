@@ -110,6 +110,8 @@ def _plan(p: DecodeProblem, cfg: TritonConfig, device: torch.device) -> tuple[La
         splits = max(1, min(int(cfg.num_splits), MAX_SPLITS))
     else:
         occ = (_OCCUPANCY.get((*variant, True)), _OCCUPANCY.get((*variant, False)))
+        if cfg.kernel == "gluon":
+            occ = (1, 1)  # ~220 KiB of shared memory per program: one per SM
         # final once a launch of this variant told its occupancy (the other: guessed)
         final = device.type != "cuda" or occ != (None, None)
         sms = num_sms(device.index or 0) if device.type == "cuda" else 4
@@ -144,7 +146,7 @@ def _plan(p: DecodeProblem, cfg: TritonConfig, device: torch.device) -> tuple[La
     if cfg.kernel == "gluon":
         from kvbridge.kernels.gluon_mla import mla_decode_hopper as stage1
 
-        meta.update(NUM_STAGES=cfg.num_stages, num_stages=1)
+        meta.update(NUM_STAGES=cfg.num_stages, DUP_S=cfg.dup_scores, num_stages=1)
     stage2 = dict(
         DV=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)),
         BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,

@@ -58,7 +58,7 @@ def test_v_not_a_prefix_of_k_is_refused():
         paged_decode(c.q, c.k, v, c.block_table, c.seq_lens, backend="gluon-mla")
 
 
-def _compile(direct: bool, causal: bool, window: bool, block_n: int, stages: int):
+def _compile(direct: bool, causal: bool, window: bool, block_n: int, stages: int, dup: bool):
     triton = pytest.importorskip("triton")
     pytest.importorskip("triton.experimental.gluon")
     from kvbridge.kernels.gluon_mla import mla_decode_hopper as k
@@ -72,7 +72,8 @@ def _compile(direct: bool, causal: bool, window: bool, block_n: int, stages: int
     consts = dict(PAGE=64, HEAD_TILES=2, DV_TILES=1, DA=512, DT=64, DV=512, BLOCK_DA=512,
                   BLOCK_DT=64, BLOCK_DV=512, BLOCK_H=64, BLOCK_N=block_n, V_SHARED=True,
                   DIRECT=direct, K_SCALE_PTR=False, V_SCALE_PTR=False, CAUSAL=causal,
-                  WINDOW=window, PRECISION="tf32", UPCAST=False, NUM_STAGES=stages)  # fmt: skip
+                  WINDOW=window, PRECISION="tf32", UPCAST=False, NUM_STAGES=stages,
+                  DUP_S=dup)  # fmt: skip
     sig = {n: "constexpr" if n in consts else types.get(n, "i64") for n in k.arg_names}
     aligned = [*ptrs, "stride_kb", "stride_kt", "stride_qb", "stride_qh", "stride_ob"]
     attrs = {(k.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
@@ -86,11 +87,16 @@ def _compile(direct: bool, causal: bool, window: bool, block_n: int, stages: int
 
 
 @pytest.mark.parametrize(
-    "direct,causal,window,block_n,stages",
-    [(True, False, False, 64, 2), (False, True, True, 64, 2), (True, False, False, 32, 3)],
+    "direct,causal,window,block_n,stages,dup",
+    [
+        (True, False, False, 64, 2, True),
+        (False, True, True, 64, 2, True),
+        (True, False, False, 64, 2, False),
+        (True, False, False, 32, 3, False),
+    ],
 )
-def test_kernel_compiles_for_sm90(direct, causal, window, block_n, stages):
-    c = _compile(direct, causal, window, block_n, stages)
+def test_kernel_compiles_for_sm90(direct, causal, window, block_n, stages, dup):
+    c = _compile(direct, causal, window, block_n, stages, dup)
     ptx = c.asm["ptx"]
     # Q K^T: 576 / 16 k-steps, P V: block_n / 16 k-steps, each one wgmma per warpgroup
     assert len(re.findall(r"wgmma\.mma_async", ptx)) == 576 // 16 + block_n // 16
