@@ -181,7 +181,7 @@ def mla_decode_hopper(
         n0 = start + i * BLOCK_N
         offs_n = n0 + gl.arange(0, BLOCK_N, layout=COL_S)
         seen = (offs_n < end) & (offs_n >= lo)
-        if PAGE % BLOCK_N == 0:  # the tile lies in one block: one id says if it exists
+        if DUP_S and PAGE % BLOCK_N == 0:  # the tile lies in one block: one id says if it exists
             pg1 = gl.load(bt_row + n0 // PAGE)
             seen = seen & (pg1 >= 0) & (pg1 < num_blocks)
         else:

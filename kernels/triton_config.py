@@ -57,10 +57,7 @@ def default_config(p: DecodeProblem) -> TritonConfig:
 def gluon_mla_config(p: DecodeProblem) -> TritonConfig:
     """The Hopper MLA kernel (gluon_mla.py): 64 query rows x 64-key latent tiles, two
     tiles in a cp.async ring (``num_stages``), two warpgroups."""
-    dup = p.block_size % 64 == 0  # one block id per tile: no per-key id registers
-    return TritonConfig(
-        block_n=64, block_h=64, num_warps=8, num_stages=2, kernel="gluon", dup_scores=dup
-    )
+    return TritonConfig(block_n=64, block_h=64, num_warps=8, num_stages=2, kernel="gluon")
 
 
 @lru_cache(maxsize=16)
