@@ -113,9 +113,12 @@ def _gluon_support(p: DecodeProblem, device: torch.device) -> str | None:
 
 
 def _gluon_launch(*args, **kw) -> torch.Tensor:
-    from kvbridge.kernels.triton_launch import gluon_mla_paged_decode
+    fn = _TRITON.get("gluon")
+    if fn is None:
+        from kvbridge.kernels.triton_launch import gluon_mla_paged_decode as fn
 
-    return gluon_mla_paged_decode(*args, **kw)
+        _TRITON["gluon"] = fn
+    return fn(*args, **kw)
 
 
 # -- Hopper MLA (Gluon: wgmma, cp.async ring), first for ``auto`` on sm_90 MLA calls --

@@ -102,3 +102,36 @@ def test_kernel_compiles_for_sm90(direct, causal, window, block_n, stages, dup):
     assert len(re.findall(r"wgmma\.mma_async", ptx)) == 576 // 16 + block_n // 16
     assert "cp.async.cg.shared.global" in ptx  # 16-byte async copies of the latent rows
     assert c.metadata.shared <= HOPPER_SMEM
+
+
+def test_only_sm90_is_accepted(monkeypatch):
+    from kvbridge.kernels import triton_launch
+
+    p = _problem(_mla())
+    monkeypatch.setattr(triton_launch, "is_interpreted", lambda: False)
+    for cap, ok in (((9, 0), True), ((8, 0), False), ((10, 0), False), ((12, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, cap=cap: cap)
+        err = triton_launch.gluon_mla_support_error(p, torch.device("cuda", 0))
+        assert (err is None) == ok, (cap, err)
+        if not ok:
+            assert "sm_90" in err
+
+
+@pytest.mark.parametrize(
+    "offset,pad,gluon",
+    [(0, 0, True), (8, 0, True), (8, 16, True), (3, 0, False), (4, 0, False), (0, 8, False)],
+)
+def test_rows_not_16_aligned_take_the_portable_kernel(offset, pad, gluon, monkeypatch):
+    """cp.async moves 16 bytes: a cache base or stride off 16 elements goes portable."""
+    from kvbridge.kernels import triton_launch
+
+    c = _mla(storage_offset=offset, block_pad=pad)  # offset in elements (bf16: 2 bytes)
+    seen = []
+    monkeypatch.setattr(triton_launch, "triton_paged_decode",
+                        lambda *a, **kw: seen.append(a[9] if len(a) > 9 else None))  # fmt: skip
+    p = _problem(c)
+    out = torch.empty(p.out_shape, dtype=c.q.dtype)
+    triton_launch.gluon_mla_paged_decode(c.q, c.k, c.v, c.block_table, c.seq_lens, p, None,
+                                         None, out)  # fmt: skip
+    (cfg,) = seen
+    assert (cfg is not None and cfg.kernel == "gluon") == gluon
