@@ -105,6 +105,24 @@ def _triton_launch(*args, **kw) -> torch.Tensor:
 _TRITON: dict = {}
 
 
+def _gluon_support(p: DecodeProblem, device: torch.device) -> str | None:
+    mod = _triton_module()
+    if mod is None:
+        return "backend='gluon-mla' needs the triton package; use backend='torch'"
+    return mod.gluon_mla_support_error(p, device)
+
+
+def _gluon_launch(*args, **kw) -> torch.Tensor:
+    fn = _TRITON.get("gluon")
+    if fn is None:
+        from kvbridge.kernels.triton_launch import gluon_mla_paged_decode as fn
+
+        _TRITON["gluon"] = fn
+    return fn(*args, **kw)
+
+
+# -- Hopper MLA (Gluon: wgmma, cp.async ring), first for ``auto`` on sm_90 MLA calls --
+register(Backend("gluon-mla", _gluon_support, lambda p, d: d.type == "cuda", _gluon_launch))
 register(Backend("triton", _triton_support, lambda p, d: d.type == "cuda", _triton_launch))
 register(
     Backend(

@@ -36,6 +36,8 @@ class TritonConfig:
     num_splits: int | None = None
     num_warps: int = 4
     num_stages: int = 3
+    kernel: str = "triton"  # "triton": the portable kernel; "gluon": the Hopper MLA kernel
+    dup_scores: bool = False  # gluon: both warpgroups compute all of S (warp-local softmax)
 
 
 def default_config(p: DecodeProblem) -> TritonConfig:
@@ -50,6 +52,12 @@ def default_config(p: DecodeProblem) -> TritonConfig:
     # MLA-sized (512 columns): 64 heads per latent tile, 8 warps; 64-token tiles were
     # 11% faster than 32 on an H200 (0.465 vs 0.523 ms, bench/README.md) despite spills
     return TritonConfig(block_n=64, block_h=block_h, num_warps=8, num_stages=2)
+
+
+def gluon_mla_config(p: DecodeProblem) -> TritonConfig:
+    """The Hopper MLA kernel (gluon_mla.py): 64 query rows x 64-key latent tiles, two
+    tiles in a cp.async ring (``num_stages``), two warpgroups."""
+    return TritonConfig(block_n=64, block_h=64, num_warps=8, num_stages=2, kernel="gluon")
 
 
 @lru_cache(maxsize=16)

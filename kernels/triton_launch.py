@@ -21,6 +21,7 @@ from kvbridge.kernels.triton_config import (
     TritonConfig,
     ctas_per_sm,
     default_config,
+    gluon_mla_config,
     num_sms,
     pick_splits,
 )
@@ -61,6 +62,7 @@ class LaunchPlan:
     """Everything about a launch that depends only on the problem and the config."""
 
     grid: tuple[int, int, int]
+    stage1: object  # the Gluon Hopper MLA kernel, or None: the portable stage 1
     splits: int
     per_split: int
     variant: tuple  # occupancy key without the DIRECT flag
@@ -108,6 +110,8 @@ def _plan(p: DecodeProblem, cfg: TritonConfig, device: torch.device) -> tuple[La
         splits = max(1, min(int(cfg.num_splits), MAX_SPLITS))
     else:
         occ = (_OCCUPANCY.get((*variant, True)), _OCCUPANCY.get((*variant, False)))
+        if cfg.kernel == "gluon":
+            occ = (1, 1)  # ~220 KiB of shared memory per program: one per SM
         # final once a launch of this variant told its occupancy (the other: guessed)
         final = device.type != "cuda" or occ != (None, None)
         sms = num_sms(device.index or 0) if device.type == "cuda" else 4
@@ -138,12 +142,17 @@ def _plan(p: DecodeProblem, cfg: TritonConfig, device: torch.device) -> tuple[La
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    stage1 = None  # the portable kernel (looked up at launch)
+    if cfg.kernel == "gluon":
+        from kvbridge.kernels.gluon_mla import mla_decode_hopper as stage1
+
+        meta.update(NUM_STAGES=cfg.num_stages, DUP_S=cfg.dup_scores, num_stages=1)
     stage2 = dict(
         DV=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)),
         BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,
     )  # fmt: skip
     grid = (p.num_kv_heads * head_tiles * dv_tiles, p.batch, splits)
-    return LaunchPlan(grid, splits, per_split, variant, meta, stage2), final
+    return LaunchPlan(grid, stage1, splits, per_split, variant, meta, stage2), final
 
 
 def _out_strides(p: DecodeProblem, out: torch.Tensor) -> tuple[int, int, int]:
@@ -206,7 +215,7 @@ def triton_paged_decode(
     )  # fmt: skip
     consts = st["consts"][(ks_ptr, vs_ptr)]
     dev = q.device.index or 0
-    kernel = launch(paged_decode_stage1, plan.kernels, plan.grid, args, consts, dev)
+    kernel = launch(plan.stage1 or paged_decode_stage1, plan.kernels, plan.grid, args, consts, dev)
     if not st["occupancy_known"]:
         occ_key = (*plan.variant, st["direct"])
         if occ_key not in _OCCUPANCY:
@@ -217,3 +226,37 @@ def triton_paged_decode(
         args2 = (po, lse, out, *s_po, *s_lse, *o_st, plan.splits, p.num_q_heads)
         launch(paged_decode_stage2, plan.kernels, st["grid2"], args2, plan.stage2, dev)
     return out
+
+
+def gluon_mla_support_error(p: DecodeProblem, device: torch.device) -> str | None:
+    """Why the Hopper MLA kernel (``gluon_mla.py``) cannot run ``p``, or None."""
+    ok_shape = p.num_kv_heads == 1 and p.head_dim_v == 512 and p.head_dim_qk == 576 and p.v_shares_k
+    if not ok_shape:
+        return (
+            "the Hopper MLA kernel needs the MLA shape (one latent head, head_dim_qk 576, "
+            "V = its first 512 columns); use backend='triton'"
+        )
+    if p.q_dtype != p.kv_dtype or p.q_dtype not in (torch.bfloat16, torch.float16):
+        return "the Hopper MLA kernel needs a bf16 or fp16 cache and q of the same dtype"
+    if device.type != "cuda" or is_interpreted():
+        return "the Hopper MLA kernel needs a CUDA device (no interpreter)"
+    if torch.cuda.get_device_capability(device)[0] != 9:
+        return "the Hopper MLA kernel needs an sm_90 GPU (wgmma): H100/H200"
+    try:
+        from kvbridge.kernels import gluon_mla  # noqa: F401
+    except ImportError as e:
+        return f"the Hopper MLA kernel needs triton.experimental.gluon (triton >= 3.5): {e}"
+    return None
+
+
+def gluon_mla_paged_decode(q, k_cache, v_cache, block_table, seq_lens, p, k_scale, v_scale,
+                           out, config: TritonConfig | None = None) -> torch.Tensor:  # fmt: skip
+    """The Hopper MLA kernel; views whose cp.async rows are not 16-byte aligned (a cache
+    stride or base not a multiple of 16 elements) take the portable kernel."""
+    ks = k_cache.stride()
+    if k_cache.data_ptr() & 15 or (ks[0] | ks[1]) & 15 or p.batch == 0:
+        return triton_paged_decode(q, k_cache, v_cache, block_table, seq_lens, p, k_scale,
+                                   v_scale, out)  # fmt: skip
+    cfg = config or gluon_mla_config(p)
+    return triton_paged_decode(q, k_cache, v_cache, block_table, seq_lens, p, k_scale, v_scale,
+                               out, cfg)  # fmt: skip

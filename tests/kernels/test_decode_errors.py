@@ -41,7 +41,10 @@ def call(c, **over):
         (lambda c: dict(seq_lens=c.seq_lens[:1]), r"seq_lens must be a 1-D int32/int64"),
         (lambda c: dict(seq_lens=c.seq_lens * 100), r"seq_lens\[\d\] = \d+ is outside \[0, \d+\]"),
         (lambda c: dict(seq_lens=-c.seq_lens), r"seq_lens\[0\] = -5 is outside"),
-        (lambda c: dict(backend="cuda"), r"unknown backend 'cuda'; supported: auto, triton, torch"),
+        (
+            lambda c: dict(backend="cuda"),
+            r"unknown backend 'cuda'; supported: auto, gluon-mla, triton, torch",
+        ),
         (lambda c: dict(k_scale=0.5), r"k_scale=0.5 given for a bfloat16 cache; scales apply"),
         (lambda c: dict(v_scale=torch.tensor(2.0)), r"v_scale given for a bfloat16 cache"),
         (lambda c: dict(scale=float("nan")), r"scale must be a finite float"),
