@@ -86,7 +86,15 @@ class DaemonProcess:
 
     def wait_ready(self, timeout: float = 60.0, service: str = "") -> dict:
         """Wait for the ready file and a SERVING health check of ``service`` (readiness
-        by default; ``kvbridge.liveness``: only up); returns the bound ports."""
+        by default; ``kvbridge.liveness``: only up); returns the bound ports. A daemon
+        that does not get there is killed (no process outlives a failed start)."""
+        try:
+            return self._wait_ready(timeout, service)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _wait_ready(self, timeout: float, service: str) -> dict:
         deadline = time.monotonic() + timeout
         while not self.ready_file.exists():
             if self.proc is None or self.proc.poll() is not None:

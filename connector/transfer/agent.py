@@ -244,7 +244,8 @@ class KVTransferAgent:
                 f"peer {reply.agent_name!r} at {address} refused this agent: {reply.reason}"
             )
         peer = self._peers.add(reply.hello)
-        self.probe(peer, min(timeout, PROBE_TIMEOUT))
+        # at most a third of the caller's time: the request that connects still pulls
+        self.probe(peer, min(timeout / 3, PROBE_TIMEOUT))
         return peer
 
     def probe(self, peer: str | Peer, timeout: float = PROBE_TIMEOUT) -> PathReport | None:

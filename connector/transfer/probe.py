@@ -3,7 +3,8 @@
 Each agent registers a scratch buffer on its cache's device (``probe_bytes``, a
 few MiB on a GPU, less on the host) and offers it in its hello. The connecting
 side then writes its scratch into the peer's and reads the peer's into its own
-(best of ``PROBE_REPEATS`` each, bounded by ``PROBE_TIMEOUT``), and records per
+(best of up to ``PROBE_REPEATS`` each; all of it within a third of the connecting
+request's time, at most ``PROBE_TIMEOUT``, half per direction), and records per
 peer which direction works, at what rate, and what the engine says its path is.
 
 A direction is *degraded* when it failed or ran below ``warn_fraction`` of the
@@ -103,16 +104,21 @@ def measure(
     transport: Transport, peer: str, op: str, local: int, remote: int, nbytes: int,
     repeats: int = PROBE_REPEATS, timeout: float = PROBE_TIMEOUT, lock=None,
 ) -> tuple[float, str]:  # fmt: skip
-    """Best rate of ``repeats`` transfers of ``nbytes`` between the two scratch regions
-    (``lock`` is held while posting)."""
-    best = 0.0
+    """Best rate of up to ``repeats`` transfers of ``nbytes`` between the two scratch
+    regions, all within ``timeout`` seconds (``lock`` is held while posting): the
+    first transfer may use all of it, later ones only what is left."""
+    best, deadline = 0.0, time.perf_counter() + timeout
     for _ in range(repeats):
         t0 = time.perf_counter()
+        if best and t0 >= deadline:
+            break  # a rate is known; no time for another sample
         try:
             with lock or contextlib.nullcontext():
                 x = transport.post(op, peer, [local], [0], [remote], [0], [nbytes])
-            transport.wait(x, timeout)
+            transport.wait(x, max(deadline - t0, 1e-3))
         except TransferError as exc:
+            if best:
+                break  # a later sample ran out of time: keep the rate measured
             return 0.0, f"{type(exc).__name__}: {exc}"[:300]
         best = max(best, nbytes / max(time.perf_counter() - t0, 1e-9))
     return best, ""
@@ -123,13 +129,14 @@ def probe(
     engine: str, warn_fraction: float, expected_bps: float = 0.0,
     repeats: int = PROBE_REPEATS, timeout: float = PROBE_TIMEOUT, lock=None,
 ) -> PathReport:  # fmt: skip
-    """Probe both directions with ``peer`` and log a warning for a degraded one."""
+    """Probe both directions with ``peer`` within ``timeout`` seconds in all (half each)
+    and log a warning for a degraded one."""
     t0 = time.perf_counter()
-    nbytes = scratch.nbytes
+    nbytes, each = scratch.nbytes, timeout / len(OPS)
     rates, errors = {}, {}
     for op in OPS:
         rates[op], errors[op] = measure(
-            transport, peer, op, scratch.region, remote_region, nbytes, repeats, timeout, lock
+            transport, peer, op, scratch.region, remote_region, nbytes, repeats, each, lock
         )
     expected = expected_bps or max(rates.values())
     degraded = tuple(

@@ -47,7 +47,12 @@ def pair(request, tmp_path_factory):
         pytest.skip(why)
     require(request.param)
     lab = NetLab()
-    decode_args = ("--transfer-timeout", str(TRANSFER_TIMEOUT), "--request-timeout", "4")
+    # no path probe: after a fault the peer is connected again under loss or a shaped
+    # link, and the probe's transfers (megabytes, finishing in the background when
+    # they outlast its budget) would compete with the pulls these tests time; the
+    # probe has its own tests (tests/connector/test_path_probe.py, tests/e2e/test_e2e_push.py)
+    decode_args = ("--transfer-timeout", str(TRANSFER_TIMEOUT), "--request-timeout", "4",
+                   "--probe-bytes", "0")  # fmt: skip
     p = Pair(lab, request.param, tmp_path_factory.mktemp(f"net-{request.param}"),
              prefill_args=("--lease-seconds", str(LEASE)), decode_args=decode_args)  # fmt: skip
     try:
@@ -137,7 +142,7 @@ def test_partition_during_transfers(pair, healthy_link):
 
 def test_packet_loss_during_transfers(pair, healthy_link):
     lab = healthy_link
-    lab.drop(15)
+    lab.drop(10)
     prompts, futs = _run_batch(pair, "loss", 4, 3)
     results = _outcomes(prompts, futs)
     lab.undrop()
