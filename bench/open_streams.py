@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", choices=sorted(LAYOUTS), default="nixl")
     args = ap.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="kvbridge-streams-")
-    new_tokens = 200
+    # long enough to outlast the probes: the decode engine generates whether or not a
+    # client reads (tokens queue per stream), so short streams would end first
+    new_tokens = 4000
     common = ["--backend", args.backend, "--insecure", "--grpc-port", "0", "--metrics-port",
               "0", "--block-size", "16"]  # fmt: skip
     pl, dl = LAYOUTS[args.backend]
@@ -65,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.streams):
             req = pb.GenerateRequest(prompt_token_ids=ids, max_new_tokens=new_tokens)
             streams.append(stubs[i % 8].Generate(req, timeout=600))
-        while len(stubs[0].Stats(pb.StatsRequest(), timeout=30).requests) < args.streams:
+        seen = stubs[0].Stats(pb.StatsRequest(include_finished=True), timeout=30).requests
+        while len(seen) < args.streams:  # finished ones count: never wait forever
             time.sleep(0.1)
+            seen = stubs[0].Stats(pb.StatsRequest(include_finished=True), timeout=30).requests
         out["seconds_to_open_all"] = round(time.monotonic() - t0, 2)
         try:
             next(

@@ -228,10 +228,11 @@ class StagingPool:
             else:
                 self._free.remove(buf)
             self._busy.add(buf)
-        try:
+            # under the lock: other threads take and give back buffers meanwhile
             others = sum(b.nbytes for b in self._free) + sum(
                 b.nbytes for b in self._busy if b is not buf
             )
+        try:
             limit = self.max_bytes - others
             if nbytes > limit:
                 raise StagingUnsupported(

@@ -163,3 +163,21 @@ def test_running_set_cancel_active_and_joining():
     assert not rs.wait_for_work(0.01)
     with pytest.raises(RuntimeError, match="stopped"):
         rs.join(_seq("c"))
+
+
+def test_cancelling_queued_sequences_frees_no_row():
+    """A full batch: cancels of sequences still queued make no room for others."""
+    rs = RunningSet(max_batch=2)
+    seqs = [_seq(f"q{i}") for i in range(5)]
+    for s in seqs:
+        rs.join(s)
+    _, joins = rs.take_changes()
+    for s in joins:
+        rs.add(s)
+    assert rs.cancel("q2") and rs.cancel("q3")  # queued, never had a row
+    cancels, joins = rs.take_changes()
+    assert {s.request_id for s, _ in cancels} == {"q2", "q3"}
+    assert joins == [] and len(rs.active) == 2  # q4 waits: the batch is still full
+    assert rs.cancel("q0")  # a running one: its row is free at the same step
+    cancels, joins = rs.take_changes()
+    assert [s.request_id for s, _ in cancels] == ["q0"] and joins == [seqs[4]]

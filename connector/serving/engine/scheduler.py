@@ -247,7 +247,8 @@ class RunningSet:
                     cancels.append((seq, reason))
                     del self._cancels[rid]
             joins = []
-            room = self.max_batch - len(self.active) + len(cancels)
+            # rows freed: only cancels of running sequences (a queued one has none)
+            room = self.max_batch - len(self.active) + sum(1 for q, _ in cancels if q.slot >= 0)
             while self._joining and len(joins) < room:
                 joins.append(self._joining.popleft())
             return cancels, joins
