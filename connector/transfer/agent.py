@@ -244,8 +244,7 @@ class KVTransferAgent:
                 f"peer {reply.agent_name!r} at {address} refused this agent: {reply.reason}"
             )
         peer = self._peers.add(reply.hello)
-        # at most a third of the caller's time: the request that connects still pulls
-        self.probe(peer, min(timeout / 3, PROBE_TIMEOUT))
+        self.probe(peer, min(timeout / 3, PROBE_TIMEOUT))  # the caller still pulls after
         return peer
 
     def probe(self, peer: str | Peer, timeout: float = PROBE_TIMEOUT) -> PathReport | None:

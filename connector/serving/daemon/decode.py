@@ -17,7 +17,6 @@ reported a failure (not a timeout, not bad input) and is done with the blocks.
 
 from __future__ import annotations
 
-import hmac
 import queue
 import time
 import uuid
@@ -25,9 +24,12 @@ from collections.abc import Callable, Iterator
 
 import grpc
 from kvbridge.connector.serving.daemon.allocator import OutOfBlocksError
-from kvbridge.connector.serving.daemon.checksum import kv_checksum
 from kvbridge.connector.serving.daemon.common import check_request_id, check_tokens, stats_response
-from kvbridge.connector.serving.daemon.decode_checks import check_peer_model, sampling_params
+from kvbridge.connector.serving.daemon.decode_checks import (
+    check_peer_model,
+    sampling_params,
+    verify_kv,
+)
 from kvbridge.connector.serving.daemon.latency import LatencyMetrics
 from kvbridge.connector.serving.daemon.peer_calls import PeerCalls, PeerRefused, remaining
 from kvbridge.connector.serving.daemon.prefill_pool import PrefillPool
@@ -266,7 +268,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                         rec, resp.handle, local, received, target, context, held, stub
                     )
                     if verify:
-                        info.kv_checksum = self._verify(rec, resp.handle, local)
+                        info.kv_checksum = verify_kv(self.rt, rec.request_id, resp.handle, local)
                 except BaseException:
                     # fail the request now; the lease ends on this Release or on expiry
                     calls.release(stub, resp.handle.request_id, "pull failed")
@@ -407,28 +409,6 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
             direction=result.direction,
             engine=result.engine,
         )
-
-    def _verify(self, rec: RequestRecord, h: pb.KVHandle, local: list[int]) -> str:
-        """Checksum the received KV; DATA_LOSS when it differs from the prefill's."""
-        rt = self.rt
-        if not h.kv_checksum:
-            raise RequestFailedError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"verify_kv: prefill {h.engine_name} returned no KV checksum",
-            )
-        dst = local[: blocks_needed(h.num_tokens, rt.cfg.block_size)]
-        got = kv_checksum(rt.cache, dst, int(h.num_tokens))
-        if not hmac.compare_digest(got, h.kv_checksum):
-            rt.count_event("corrupt_transfers")
-            rt.log.error(
-                "received KV differs from the prefill's",
-                extra={"request_id": rec.request_id, "want": h.kv_checksum, "got": got},
-            )
-            raise RequestFailedError(
-                grpc.StatusCode.DATA_LOSS,
-                f"KV checksum mismatch: prefill {h.kv_checksum}, received {got}",
-            )
-        return got
 
     def _release(
         self, stub: pb_grpc.KVBridgeServiceStub, prefill_id: str, reason: str = "pulled"

@@ -1,12 +1,16 @@
-"""Checks of the decode daemon: a Generate request's sampling fields, a peer's handle."""
+"""Checks of the decode daemon: a Generate request's sampling fields, a peer's handle,
+the received KV against the prefill's checksum."""
 
 from __future__ import annotations
 
+import hmac
 import random
 
 import grpc
+from kvbridge.connector.serving.daemon.checksum import kv_checksum
 from kvbridge.connector.serving.daemon.status import RequestFailedError
 from kvbridge.connector.serving.engine import SamplingParams
+from kvbridge.connector.serving.model import blocks_needed
 from kvbridge.connector.serving.model.identity import same_model
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 
@@ -40,3 +44,25 @@ def sampling_params(request: pb.GenerateRequest, context: grpc.ServicerContext) 
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"top_k must be >= 0, got {k}")
     seed = request.seed if request.HasField("seed") else random.getrandbits(64)
     return SamplingParams(temperature=t, top_p=p, top_k=k, seed=seed)
+
+
+def verify_kv(rt, request_id: str, h: pb.KVHandle, local: list[int]) -> str:
+    """Checksum the received KV; DATA_LOSS when it differs from the prefill's."""
+    if not h.kv_checksum:
+        raise RequestFailedError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"verify_kv: prefill {h.engine_name} returned no KV checksum",
+        )
+    dst = local[: blocks_needed(h.num_tokens, rt.cfg.block_size)]
+    got = kv_checksum(rt.cache, dst, int(h.num_tokens))
+    if not hmac.compare_digest(got, h.kv_checksum):
+        rt.count_event("corrupt_transfers")
+        rt.log.error(
+            "received KV differs from the prefill's",
+            extra={"request_id": request_id, "want": h.kv_checksum, "got": got},
+        )
+        raise RequestFailedError(
+            grpc.StatusCode.DATA_LOSS,
+            f"KV checksum mismatch: prefill {h.kv_checksum}, received {got}",
+        )
+    return got
