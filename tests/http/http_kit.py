@@ -14,6 +14,7 @@ from kvbridge.connector.serving.model import (
     generate_monolithic,
     load_hf_checkpoint,
 )
+from llama_weights import llama_tensors
 
 BLOCK_SIZE = 16
 HF_CONFIG = {
@@ -44,21 +45,9 @@ def write_checkpoint(root: Path, seed: int, chat_template: str | None = CHAT_TEM
     h, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     hd = h // c["num_attention_heads"]
     q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
-    t = {"model.embed_tokens.weight": r(v, h), "model.norm.weight": 1 + r(h),
-         "lm_head.weight": r(v, h)}  # fmt: skip
-    for i in range(c["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        t |= {
-            p + "input_layernorm.weight": 1 + r(h),
-            p + "post_attention_layernorm.weight": 1 + r(h),
-            p + "self_attn.q_proj.weight": r(q, h),
-            p + "self_attn.k_proj.weight": r(kv, h),
-            p + "self_attn.v_proj.weight": r(kv, h),
-            p + "self_attn.o_proj.weight": r(h, q),
-            p + "mlp.gate_proj.weight": r(f, h),
-            p + "mlp.up_proj.weight": r(f, h),
-            p + "mlp.down_proj.weight": r(h, f),
-        }
+    t = llama_tensors(r, vocab=v, hidden=h, q=q, kv=kv, inter=f,
+                      layers=c["num_hidden_layers"])  # fmt: skip
+    t["lm_head.weight"] = r(v, h)
     save_file(t, str(root / "model.safetensors"))
     (root / "config.json").write_text(json.dumps(c))
     tok_cfg = {

@@ -16,6 +16,7 @@ from kvbridge.connector.serving.model import (
 )
 from kvbridge.topology.layouts import GQA_LAYOUTS
 from llama_dense_reference import dense_greedy, dense_logits
+from llama_weights import llama_tensors
 
 CFG = ModelConfig(
     num_layers=2,
@@ -121,20 +122,7 @@ def _write_checkpoint(path, cfg: ModelConfig, tie: bool) -> dict[str, torch.Tens
         cfg.num_kv_heads * cfg.head_dim,
         cfg.intermediate_size,
     )
-    t = {"model.embed_tokens.weight": r(cfg.vocab_size, h), "model.norm.weight": 1 + r(h)}
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        t |= {
-            p + "input_layernorm.weight": 1 + r(h),
-            p + "post_attention_layernorm.weight": 1 + r(h),
-            p + "self_attn.q_proj.weight": r(q, h),
-            p + "self_attn.k_proj.weight": r(kv, h),
-            p + "self_attn.v_proj.weight": r(kv, h),
-            p + "self_attn.o_proj.weight": r(h, q),
-            p + "mlp.gate_proj.weight": r(f, h),
-            p + "mlp.up_proj.weight": r(f, h),
-            p + "mlp.down_proj.weight": r(h, f),
-        }
+    t = llama_tensors(r, vocab=cfg.vocab_size, hidden=h, q=q, kv=kv, inter=f, layers=cfg.num_layers)
     if not tie:
         t["lm_head.weight"] = r(cfg.vocab_size, h)
     half = len(t) // 2  # two shards
