@@ -53,13 +53,17 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-def one_request(stub, rid: str, prompt: list[int], max_new: int, timeout: float) -> dict:
+def one_request(
+    stub, rid: str, prompt: list[int], max_new: int, timeout: float, verify: bool = False
+) -> dict:
+    """One Generate; ``verify``: the daemon checks the pulled KV against the prefill's
+    checksum (a mismatch fails the request with DATA_LOSS)."""
     t0 = time.perf_counter()
     stamps, tokens, itl, info = [], [], [], pb.TransferInfo()
-    for msg in stub.Generate(
-        pb.GenerateRequest(request_id=rid, prompt_token_ids=prompt, max_new_tokens=max_new),
-        timeout=timeout,
-    ):
+    request = pb.GenerateRequest(
+        request_id=rid, prompt_token_ids=prompt, max_new_tokens=max_new, verify_kv=verify
+    )
+    for msg in stub.Generate(request, timeout=timeout):
         if msg.HasField("transfer"):
             info = msg.transfer
         if msg.token_ids:
@@ -76,6 +80,7 @@ def one_request(stub, rid: str, prompt: list[int], max_new: int, timeout: float)
         "prefill": info.prefill_seconds,
         "pull": info.transfer_seconds,
         "path": f"{info.engine or '?'}/{info.direction or '?'}",
+        "verified": bool(verify and info.kv_checksum),
         "seconds": time.perf_counter() - t0,
     }
 
@@ -95,7 +100,10 @@ def run_level(target: str, c: int, n_req: int, args, rng: random.Random) -> tupl
             for j in range(n_req):
                 i = k * n_req + j
                 try:
-                    results[i] = one_request(stub, f"c{c}-{i}", prompts[i], args.max_new, 600)
+                    verify = args.verify_every > 0 and i % args.verify_every == 0
+                    results[i] = one_request(
+                        stub, f"c{c}-{i}", prompts[i], args.max_new, 600, verify
+                    )
                 except grpc.RpcError as exc:
                     errors.append(f"{exc.code().name}: {exc.details()}")
 
@@ -122,6 +130,8 @@ def run_level(target: str, c: int, n_req: int, args, rng: random.Random) -> tupl
         "pull_p50_ms": round(1e3 * pct([r["pull"] for r in done], 0.5), 2),
         # which engine moved the KV and how (TransferInfo.engine / direction)
         "paths": sorted({r["path"] for r in done}),
+        # requests whose pulled KV equalled the prefill's checksum (``--verify-every``)
+        "kv_verified": sum(r["verified"] for r in done),
     }
     if errors:
         row["first_error"] = errors[0]
@@ -273,6 +283,8 @@ def main() -> int:
     ap.add_argument("--max-new", type=int, default=None)
     ap.add_argument("--check", type=int, default=None, help="requests per level checked "
                     "against the monolithic run (default: all on CPU, 4 on GPU)")  # fmt: skip
+    ap.add_argument("--verify-every", type=int, default=8, help="every Nth request has "
+                    "the decode daemon check the pulled KV's checksum (0: none)")  # fmt: skip
     ap.add_argument("--backend", default="nixl")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")

@@ -412,7 +412,8 @@ class KVTransferAgent:
         args = (tensor, p.spec, self._layers, r_ids, l_ids, num_tokens, heads)
         return PendingRequest(
             "READ", p, request_id, xfer, started, int(stage.nbytes.size), stage.wire_bytes,
-            staged=stage, relayout_args=args, _release=lambda: self._staging.give_back(buf),
+            staged=stage, relayout_args=args,
+            _release=lambda ready=None: self._staging.give_back(buf, ready),
         )  # fmt: skip
 
     def finish(self, pending: PendingRequest, timeout: float | None = None) -> TransferResult:
@@ -421,7 +422,7 @@ class KVTransferAgent:
         try:
             self.transport.wait(pending.xfer, timeout)
             if pending.staged is not None:
-                relayout(pending.staged, *pending.relayout_args)
+                pending.relayout_done = relayout(pending.staged, *pending.relayout_args)
         except TransferError as exc:
             self._notices.tell_failure(
                 pending.peer.side_channel, pending.request_id, pending.op, exc
@@ -447,7 +448,7 @@ class KVTransferAgent:
         if release is None:
             return
         if self.transport.quiesced(pending.xfer):
-            release()
+            release(pending.relayout_done)
             return
         log.warning("agent %s: staging buffer of %s held until the engine lets go of it",
                     self.name, pending.request_id)  # fmt: skip

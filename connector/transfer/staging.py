@@ -102,17 +102,24 @@ def relayout(
     dst_ids: np.ndarray,
     num_tokens: int | None,
     heads: HeadMap,
-) -> None:
-    """Copy the staged source blocks into the local views (block dim first)."""
+) -> torch.cuda.Event | None:
+    """Copy the staged source blocks into the local views (block dim first).
+
+    The copies are queued on the current stream without a host sync: every index
+    array of the request goes to the device in one non-blocking upload, shared by
+    all layers and views. On CUDA the returned event completes once the copies have
+    read the staging buffer (it must not be reused before); ``None`` on the CPU.
+    """
     src_ids = np.asarray(src_ids, dtype=np.int64)
     dst_ids = np.asarray(dst_ids, dtype=np.int64)
     where = np.searchsorted(stage.src_ids, src_ids)  # index of each source id in staging
+    tasks = []
+    index: dict[tuple, list[tuple[np.ndarray, ...] | None]] = {}  # run starts -> per run
     for layer, (name, dviews) in zip(src.layers, dst_layers, strict=True):
         if layer.name != name:
             raise StagingUnsupported(f"layer order differs ({layer.name!r} vs {name!r})")
         for vspec, dv in zip(layer.views, dviews, strict=True):
             runs = _staged_runs(stage, vspec, staging)
-            dbv = byte_view(dv)
             hs = hd = slice(None)
             if len(vspec.shape) == 4:
                 n = heads.num or min(
@@ -120,50 +127,84 @@ def relayout(
                 )
                 hs = slice(heads.src_start, heads.src_start + n)
                 hd = slice(heads.dst_start, heads.dst_start + n)
-            if num_tokens is None:
-                _copy_blocks(runs, where, dst_ids, dbv, hs, hd, len(vspec.shape) == 4)
-            else:
-                _copy_tokens(runs, where, dst_ids, dbv, hs, hd, vspec.shape[1], num_tokens)
+            key = (tuple(a for a, _ in runs), vspec.shape[1], dv.shape[1])
+            if key not in index:
+                index[key] = _run_indices(key[0], where, dst_ids, num_tokens, *key[1:])
+            tasks.append((key, runs, byte_view(dv), hs, hd, len(vspec.shape) == 4))
+    device = staging.device
+    uploaded = _upload(index, device)
+    for key, runs, dbv, hs, hd, has_heads in tasks:
+        for (_, view), idx in zip(runs, uploaded[key], strict=True):
+            if idx is None:
+                continue
+            if num_tokens is None:  # whole blocks: (src block, dst block) pairs
+                src_v = view[idx[0]]
+                if has_heads:
+                    src_v = src_v[:, :, hs]
+                target = dbv[:, :, hd] if has_heads else dbv
+                target.index_copy_(0, idx[1], src_v)
+            else:  # tokens: (src block, src slot, dst block, dst slot) per token
+                src_v = view[idx[0], idx[1]]  # (tokens, [heads,] dim, itemsize)
+                if src_v.dim() == 4:
+                    dbv[idx[2], idx[3], hd] = src_v[:, hs]
+                else:
+                    dbv[idx[2], idx[3]] = src_v
+    if device.type != "cuda":
+        return None
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(device))
+    return done
 
 
-def _run_of(runs, positions: np.ndarray) -> np.ndarray:
-    starts = np.array([a for a, _ in runs], dtype=np.int64)
-    return np.searchsorted(starts, positions, side="right") - 1
-
-
-def _copy_blocks(runs, where, dst_ids, dbv, hs, hd, has_heads: bool) -> None:
-    run = _run_of(runs, where)
-    dev = dbv.device
-    target = dbv[:, :, hd] if has_heads else dbv
-    for k, (a, t) in enumerate(runs):
-        sel = np.flatnonzero(run == k)
-        if sel.size == 0:
-            continue
-        src = t[torch.as_tensor(where[sel] - a, device=dev)]
-        if has_heads:
-            src = src[:, :, hs]
-        target.index_copy_(0, torch.as_tensor(dst_ids[sel], device=dev), src)
-
-
-def _copy_tokens(runs, where, dst_ids, dbv, hs, hd, src_bs: int, num_tokens: int) -> None:
-    dev = dbv.device
+def _run_indices(
+    starts: tuple[int, ...],
+    where: np.ndarray,
+    dst_ids: np.ndarray,
+    num_tokens: int | None,
+    src_bs: int,
+    dst_bs: int,
+) -> list[tuple[np.ndarray, ...] | None]:
+    """Per staged run: the index arrays of its copies (``None``: nothing from it)."""
+    first = np.asarray(starts, dtype=np.int64)
+    if num_tokens is None:
+        run = np.searchsorted(first, where, side="right") - 1
+        return [
+            (where[sel] - a, dst_ids[sel]) if sel.size else None
+            for a, sel in ((a, np.flatnonzero(run == k)) for k, a in enumerate(starts))
+        ]
     t = np.arange(num_tokens, dtype=np.int64)
     s_pos, s_slot = where[t // src_bs], t % src_bs
-    d_bs = dbv.shape[1]
-    d_blk, d_slot = dst_ids[t // d_bs], t % d_bs
-    run = _run_of(runs, s_pos)
-    for k, (a, view) in enumerate(runs):
+    d_blk, d_slot = dst_ids[t // dst_bs], t % dst_bs
+    run = np.searchsorted(first, s_pos, side="right") - 1
+    out: list[tuple[np.ndarray, ...] | None] = []
+    for k, a in enumerate(starts):
         sel = np.flatnonzero(run == k)
-        if sel.size == 0:
-            continue
-        blk = torch.as_tensor(s_pos[sel] - a, device=dev)
-        slot = torch.as_tensor(s_slot[sel], device=dev)
-        src = view[blk, slot]  # (tokens, heads, dim, itemsize) or (tokens, dim, itemsize)
-        db, ds = torch.as_tensor(d_blk[sel], device=dev), torch.as_tensor(d_slot[sel], device=dev)
-        if src.dim() == 4:
-            dbv[db, ds, hd] = src[:, hs]
-        else:
-            dbv[db, ds] = src
+        out.append((s_pos[sel] - a, s_slot[sel], d_blk[sel], d_slot[sel]) if sel.size else None)
+    return out
+
+
+def _upload(index: dict, device: torch.device) -> dict:
+    """Every index array on ``device`` with one copy (pinned and non-blocking on CUDA:
+    a blocking upload would wait for all work queued on the stream, decode steps too)."""
+    flat = [a for runs in index.values() for r in runs if r is not None for a in r]
+    if not flat:
+        return {key: [None] * len(runs) for key, runs in index.items()}
+    host = torch.from_numpy(np.concatenate(flat))
+    dev = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    out, pos = {}, 0
+    for key, runs in index.items():
+        got = []
+        for r in runs:
+            if r is None:
+                got.append(None)
+                continue
+            parts = []
+            for a in r:
+                parts.append(dev[pos : pos + a.size])
+                pos += a.size
+            got.append(tuple(parts))
+        out[key] = got
+    return out
 
 
 class StagingBuffer:
@@ -174,6 +215,7 @@ class StagingBuffer:
         self.device = device
         self.tensor: torch.Tensor | None = None
         self.region: int | None = None
+        self.ready: torch.cuda.Event | None = None  # set: a relayout may still read it
 
     @property
     def nbytes(self) -> int:
@@ -191,7 +233,14 @@ class StagingBuffer:
             self.tensor = tensor
         return self.tensor, self.region
 
+    def wait_ready(self) -> None:
+        """Block until the last relayout out of this buffer has read it (CUDA only)."""
+        ready, self.ready = self.ready, None
+        if ready is not None:
+            ready.synchronize()
+
     def release(self) -> None:
+        self.wait_ready()
         if self.region is not None:
             self.transport.deregister_region(self.region)
         self.tensor, self.region = None, None
@@ -201,9 +250,12 @@ class StagingPool:
     """Staging buffers for concurrent staged reads, ``max_bytes`` in all.
 
     ``acquire`` waits (bounded) for a free buffer; a staged read holds its buffer
-    from post to relayout. ``max_buffers`` bounds the staged reads in flight: as many
-    as a decode daemon pulls at once for a full batch (with 4, 64 concurrent pulls of
-    a relayout went through in waves of 4 and waited seconds for a buffer).
+    from post to relayout. A buffer given back with the relayout's CUDA event is
+    handed out again only once that event completed (the copies out of it are
+    queued, not done, when the request finishes). ``max_buffers`` bounds the staged
+    reads in flight: as many as a decode daemon pulls at once for a full batch (with
+    4, 64 concurrent pulls of a relayout went through in waves of 4 and waited
+    seconds for a buffer).
     """
 
     def __init__(self, transport: Transport, device: str, max_bytes: int, max_buffers: int = 64):
@@ -233,6 +285,7 @@ class StagingPool:
                 b.nbytes for b in self._busy if b is not buf
             )
         try:
+            buf.wait_ready()  # the engine must not write it while a relayout reads it
             limit = self.max_bytes - others
             if nbytes > limit:
                 raise StagingUnsupported(
@@ -244,8 +297,10 @@ class StagingPool:
             raise
         return buf, tensor, region
 
-    def give_back(self, buf: StagingBuffer) -> None:
+    def give_back(self, buf: StagingBuffer, ready: torch.cuda.Event | None = None) -> None:
+        """Return ``buf``; ``ready``: the event after the last copies that read it."""
         with self._cond:
+            buf.ready = ready
             self._busy.discard(buf)
             self._free.append(buf)
             self._cond.notify()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvbridge.connector.transfer.peers import Peer
 from kvbridge.connector.transfer.staging import StagePlan
@@ -43,4 +44,5 @@ class PendingRequest:
     staged: StagePlan | None = None
     relayout_args: tuple = ()
     done: bool = False
-    _release: Callable[[], None] | None = field(default=None, repr=False)
+    relayout_done: Any = None  # CUDA event after a staged read's relayout copies
+    _release: Callable[..., None] | None = field(default=None, repr=False)
