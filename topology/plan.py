@@ -95,28 +95,63 @@ class TransferPlan:
         ``[dst_head_start, dst_head_start + num_heads)`` receive source heads
         ``[src_head_start, ...)``. ``src``/``dst`` are specs or topologies.
         """
-        src, dst = _as_spec(src, "source"), _as_spec(dst, "destination")
+        src, dst, heads, s_ids, d_ids = _checked(
+            src, dst, src_block_ids, dst_block_ids, src_head_start, dst_head_start, num_heads
+        )
         src_fp = footprint(src)
-        footprint(dst)
-        heads = HeadRange(src_head_start, dst_head_start, num_heads)
-        s_ids = as_block_ids(src_block_ids, src.num_blocks, "source")
-        d_ids = as_block_ids(dst_block_ids, dst.num_blocks, "destination")
         if num_tokens is None:
-            if s_ids.size != d_ids.size:
-                raise LayoutError(
-                    f"{s_ids.size} source block ids but {d_ids.size} destination block ids"
-                )
-            tpl = _template(src, dst, False, heads)
-            s_sorted, order = sorted_unique(s_ids, "source")
-            d_ids = d_ids if order is None else d_ids[order]
-            sorted_unique(d_ids, "destination")
-            arrays = expand(tpl, s_sorted, d_ids)
+            s_sorted, d_ids = _block_pairs(src, dst, s_ids, d_ids, heads)
+            arrays = expand(_template(src, dst, False, heads), s_sorted, d_ids)
             used = s_sorted
         else:
             arrays, used = _token_plan(src, dst, s_ids, d_ids, num_tokens, heads)
         sreg, soff, nb, dreg, doff = arrays
         ideal = src_fp.num_tiling * count_runs(used) + src_fp.num_other * used.size
         return cls(sreg, soff, dreg, doff, nb, fragmentation=nb.size / ideal if ideal else 1.0)
+
+    @staticmethod
+    def check(
+        src: TopologySpec,
+        dst: TopologySpec,
+        src_block_ids,
+        dst_block_ids,
+        num_tokens: int | None = None,
+        src_head_start: int = 0,
+        dst_head_start: int = 0,
+        num_heads: int | None = None,
+    ) -> int:
+        """Every check ``between`` makes (``LayoutError`` where it would raise), without
+        building descriptors; returns the tokens moved (whole blocks in block mode)."""
+        src, dst, heads, s_ids, d_ids = _checked(
+            src, dst, src_block_ids, dst_block_ids, src_head_start, dst_head_start, num_heads
+        )
+        if num_tokens is None:
+            _block_pairs(src, dst, s_ids, d_ids, heads)
+            bs = _block_size(_template(src, dst, True, heads), 0, "source")
+            return int(s_ids.size) * bs
+        return _token_checks(src, dst, s_ids, d_ids, num_tokens, heads)[3]
+
+
+def _checked(src, dst, src_block_ids, dst_block_ids, src_head_start, dst_head_start, num_heads):
+    """Both specs, the head range and both id arrays, checked (in range, int64)."""
+    src, dst = _as_spec(src, "source"), _as_spec(dst, "destination")
+    footprint(src)
+    footprint(dst)
+    heads = HeadRange(src_head_start, dst_head_start, num_heads)
+    s_ids = as_block_ids(src_block_ids, src.num_blocks, "source")
+    d_ids = as_block_ids(dst_block_ids, dst.num_blocks, "destination")
+    return src, dst, heads, s_ids, d_ids
+
+
+def _block_pairs(src, dst, s_ids, d_ids, heads) -> tuple[np.ndarray, np.ndarray]:
+    """Block mode: source ids sorted (unique) with their destination ids (unique)."""
+    if s_ids.size != d_ids.size:
+        raise LayoutError(f"{s_ids.size} source block ids but {d_ids.size} destination block ids")
+    _template(src, dst, False, heads)  # the pairing is possible
+    s_sorted, order = sorted_unique(s_ids, "source")
+    d_ids = d_ids if order is None else d_ids[order]
+    sorted_unique(d_ids, "destination")
+    return s_sorted, d_ids
 
 
 def _as_spec(x, what: str) -> TopologySpec:
@@ -137,7 +172,8 @@ def _template(src: TopologySpec, dst: TopologySpec, token_mode: bool, heads: Hea
     )
 
 
-def _token_plan(src, dst, s_ids, d_ids, num_tokens, heads):
+def _token_checks(src, dst, s_ids, d_ids, num_tokens, heads):
+    """Token mode: the template, both block sizes and ``num_tokens``, checked."""
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)):
         raise LayoutError(f"num_tokens must be an int, got {type(num_tokens).__name__}")
     num_tokens = int(num_tokens)
@@ -153,6 +189,11 @@ def _token_plan(src, dst, s_ids, d_ids, num_tokens, heads):
                 f"got {ids.size}"
             )
         sorted_unique(ids, what)
+    return tpl, s_bs, d_bs, num_tokens
+
+
+def _token_plan(src, dst, s_ids, d_ids, num_tokens, heads):
+    tpl, s_bs, d_bs, num_tokens = _token_checks(src, dst, s_ids, d_ids, num_tokens, heads)
     used = np.sort(s_ids)
     if s_bs != d_bs:
         return expand(tpl, s_ids, d_ids, num_tokens), used

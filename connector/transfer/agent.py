@@ -3,10 +3,10 @@
 The agent owns one transport (NIXL or Mooncake, with the same-host transport beside
 it when ``local="auto"``) with the cache's topology regions and a probe scratch
 registered once, a zmq side channel for handshakes and notices, its peers
-(peer_table.py), their probed paths (probe.py) and its notices (notices.py). A request plans with
-``TransferPlan.between`` (coalesced descriptors, int64 arrays) and posts them as
-one engine request; fragmented reads are staged (staging.py). Per request the
-state machine is::
+(peer_table.py), their probed paths (probe.py) and its notices (notices.py). A
+request plans with ``TransferPlan.between`` (coalesced descriptors, int64 arrays)
+and posts them as one engine request; fragmented reads are staged
+(staged_reads.py, staging.py). Per request the state machine is::
 
     planned -> posted -> done        (the holder is notified by the engine)
                       -> failed      (handles released, peer told on the side channel)
@@ -31,7 +31,6 @@ from kvbridge.connector.transfer.errors import (
     IncompatiblePeerError,
     TransferError,
     TransferFailedError,
-    TransferTimeoutError,
 )
 from kvbridge.connector.transfer.notices import NoticeBox
 from kvbridge.connector.transfer.peer_table import PeerTable
@@ -45,12 +44,8 @@ from kvbridge.connector.transfer.probe import (
     probe,
 )
 from kvbridge.connector.transfer.side_channel import SideChannelServer, request
-from kvbridge.connector.transfer.staging import (
-    StagingPool,
-    StagingUnsupported,
-    plan_stage,
-    relayout,
-)
+from kvbridge.connector.transfer.staged_reads import StagedReads
+from kvbridge.connector.transfer.staging import relayout
 from kvbridge.connector.transfer.tp_mapping import HeadMap
 from kvbridge.connector.transfer.transfer_request import PendingRequest, TransferResult
 from kvbridge.connector.transfer.transport import (
@@ -191,9 +186,10 @@ class KVTransferAgent:
                     name=name,
                 )
             self._side_address = f"{host}:{self.side.port}" if self.side else ""
-            self._staging = StagingPool(
-                self.transport, self.spec.regions[0].device, max_staging_bytes
-            )
+            self._staging = StagedReads(
+                self.transport, self._lock, self.spec.regions[0].device, max_staging_bytes,
+                self.timeout, name,
+            )  # fmt: skip
             self.hello = md.AgentHello(
                 agent_name=name,
                 backend=backend,
@@ -342,16 +338,30 @@ class KVTransferAgent:
         request_id = request_id or uuid.uuid4().hex
         heads = heads or p.heads.for_op("READ")
         r_ids, l_ids = _ids(remote_block_ids), _ids(local_block_ids)
-        plan = TransferPlan.between(p.spec, self.spec, r_ids, l_ids, num_tokens, **heads.kwargs())
         mode = staging or self.staging
         _check_staging(mode)
-        note = self._notices.signed(request_id, "READ", plan.total_bytes) if notify else b""
-        if mode == "always" or (mode == "auto" and plan.fragmented):
-            pending = self._post_staged(
-                p, r_ids, l_ids, num_tokens, heads, request_id, note, started
-            )
+        args = (p.spec, self.spec, r_ids, l_ids, num_tokens)
+        # fragmented layout pairs are staged without building their plan (staged_reads.py)
+        key = (p.spec.layout_hash, self.spec.layout_hash, num_tokens is None, heads)
+        per_token = self._staging.known(key) if mode == "auto" else None
+        plan = None
+        if per_token is None:
+            plan = TransferPlan.between(*args, **heads.kwargs())
+            if mode == "auto" and plan.fragmented:
+                self._staging.learn(key, plan, TransferPlan.check(*args, **heads.kwargs()))
+            nbytes = plan.total_bytes
+        else:
+            nbytes = per_token * TransferPlan.check(*args, **heads.kwargs())
+        note = self._notices.signed(request_id, "READ", nbytes) if notify else b""
+        if plan is None or mode == "always" or (mode == "auto" and plan.fragmented):
+            pending = self._staging.post(
+                p, self._peers.topology(p), self._layers, r_ids, l_ids, num_tokens, heads,
+                request_id, note, started,
+            )  # fmt: skip
             if pending is not None:
                 return pending
+        if plan is None:  # staging turned out impossible: the plan after all
+            plan = TransferPlan.between(*args, **heads.kwargs())
         return self._post_plan("READ", p, plan, request_id, note, started)
 
     def post_write(
@@ -390,32 +400,6 @@ class KVTransferAgent:
             op, p, request_id, xfer, started, plan.num_descriptors, plan.total_bytes
         )
 
-    def _post_staged(self, p, r_ids, l_ids, num_tokens, heads, request_id, note, started):
-        """Post a read of whole source blocks into a staging buffer (``None``: not possible)."""
-        stage = plan_stage(self._peers.topology(p), r_ids)
-        try:
-            buf, tensor, region = self._staging.acquire(stage.total_bytes, self.timeout)
-        except StagingUnsupported as exc:
-            log.info("staging not possible (%s); reading the plan directly", exc)
-            return None
-        except TimeoutError as exc:
-            raise TransferTimeoutError(f"agent {self.name!r}: {exc}") from None
-        try:
-            with self._lock:
-                xfer = self.transport.post(
-                    "READ", p.name, np.full(stage.nbytes.size, region, dtype=np.int64),
-                    stage.stage_offset, stage.src_region, stage.src_offset, stage.nbytes, note,
-                )  # fmt: skip
-        except BaseException:
-            self._staging.give_back(buf)
-            raise
-        args = (tensor, p.spec, self._layers, r_ids, l_ids, num_tokens, heads)
-        return PendingRequest(
-            "READ", p, request_id, xfer, started, int(stage.nbytes.size), stage.wire_bytes,
-            staged=stage, relayout_args=args,
-            _release=lambda ready=None: self._staging.give_back(buf, ready),
-        )  # fmt: skip
-
     def finish(self, pending: PendingRequest, timeout: float | None = None) -> TransferResult:
         """Wait (bounded) for a posted request; on failure tell the peer and raise."""
         timeout = self.timeout if timeout is None else timeout
@@ -429,7 +413,7 @@ class KVTransferAgent:
             )
             raise
         finally:
-            self._give_back_when_quiet(pending)
+            self._staging.give_back_when_quiet(pending)
         pending.done = True
         return TransferResult(
             bytes=pending.nbytes,
@@ -441,25 +425,6 @@ class KVTransferAgent:
             peer=pending.peer.name,
             request_id=pending.request_id,
         )
-
-    def _give_back_when_quiet(self, pending: PendingRequest) -> None:
-        """Return a staged read's buffer, but only once the engine can no longer write it."""
-        release, pending._release = pending._release, None
-        if release is None:
-            return
-        if self.transport.quiesced(pending.xfer):
-            release(pending.relayout_done)
-            return
-        log.warning("agent %s: staging buffer of %s held until the engine lets go of it",
-                    self.name, pending.request_id)  # fmt: skip
-
-        def wait_then_release() -> None:
-            while not self.transport.quiesced(pending.xfer):
-                time.sleep(0.05)
-            release()
-
-        threading.Thread(target=wait_then_release, name=f"stage-hold-{self.name}",
-                         daemon=True).start()  # fmt: skip
 
     # ---------------------------------------------------------------- notices
     def notifications(self) -> list[md.TransferNotice]:
