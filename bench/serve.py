@@ -287,6 +287,8 @@ def main() -> int:
                     "the decode daemon check the pulled KV's checksum (0: none)")  # fmt: skip
     ap.add_argument("--backend", default="nixl")
     ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--stream-interval", type=int, default=1, help="the decode daemon's "
+                    "--stream-interval (tokens per stream message)")  # fmt: skip
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ap.add_argument("--step-scaling", action="store_true", help="only the in-process "
                     "DecodeStep timing (GPU model, eager vs CUDA graphs), then exit")  # fmt: skip
@@ -318,6 +320,7 @@ def main() -> int:
     prefill = DaemonProcess("prefill", [*common, "--side-port", str(free_port()),
                             "--kv-layout", "packed"], log_dir, name="prefill")  # fmt: skip
     extra = ["--no-cuda-graphs"] if args.no_cuda_graphs else []
+    extra += ["--stream-interval", str(args.stream_interval)]
     rng = random.Random(0)
     rows, checked, matched, total = [], 0, 0, 0
     graphs = None
@@ -384,7 +387,7 @@ def main() -> int:
             "model": mcfg.to_dict(), "prompt_len": args.prompt_len, "max_new": args.max_new,
             "python": platform.python_version(), "torch": torch.__version__,
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "backend": args.backend}  # fmt: skip
+            "backend": args.backend, "stream_interval": args.stream_interval}  # fmt: skip
     if args.out:
         Path(args.out).write_text(
             json.dumps({"meta": meta, "graph_check": graphs, "rows": rows}, indent=1) + "\n"

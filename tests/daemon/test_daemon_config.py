@@ -169,3 +169,14 @@ def test_every_daemon_flag_sits_in_a_help_group_once():
     grouped = [name for _, names in FLAG_GROUPS for name in names]
     assert len(grouped) == len(set(grouped))
     assert sorted(grouped) == sorted(f.name for f in FLAGS)
+
+
+def test_stream_interval_flag():
+    assert resolve_config("decode", _args(["decode"]), environ={}).stream_interval == 1
+    cfg = resolve_config("decode", _args(["decode", "--stream-interval", "4"]), environ={})
+    assert cfg.stream_interval == 4
+    for bad in ("0", "2000"):
+        with pytest.raises(ConfigError, match="--stream-interval"):
+            resolve_config("decode", {}, {"KVBRIDGE_STREAM_INTERVAL": bad})
+    with pytest.raises(SystemExit):  # a decode-only flag
+        _args(["prefill", "--stream-interval", "2"])

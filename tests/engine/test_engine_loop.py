@@ -33,11 +33,15 @@ def model() -> LlamaModel:
 class Rig:
     """A cache in a layout other than the reference's, an allocator and a running engine."""
 
-    def __init__(self, model: LlamaModel, layout: str = "packed", num_blocks: int = 128) -> None:
+    def __init__(
+        self, model: LlamaModel, layout: str = "packed", num_blocks: int = 128, interval: int = 1
+    ) -> None:
         self.model = model
         self.cache = allocate_cache(model, layout, num_blocks, BS, seed=3)
         self.alloc = BlockAllocator(num_blocks)
-        self.engine = DecodeEngine(model, self.cache, max_batch=4).start()
+        self.engine = DecodeEngine(
+            model, self.cache, max_batch=4, stream_interval=interval
+        ).start()
 
     def submit(self, rid, prompt, max_new, sampling=None, stop=()) -> tuple[Sequence, queue.Queue]:
         blocks = self.alloc.allocate(blocks_needed(len(prompt) + max_new, BS))
@@ -81,6 +85,26 @@ def test_joining_and_leaving_mid_run_gives_the_monolithic_tokens(model):
         assert fin == "length" and seq.left.wait(5)
     assert rig.engine.steps < sum(new for _, new in spec)  # steps were shared
     rig.engine.stop()
+
+
+def test_stream_interval_sends_fewer_larger_messages_with_the_same_tokens(model):
+    rig = Rig(model, interval=3)
+    p1, p2 = _prompt(6, 21), _prompt(11, 22)
+    want1 = generate_monolithic(model, p1, 11, layout="nhd", block_size=BS)
+    stop = want1[7]  # a stop token ends the stream mid-interval: nothing is held back
+    want1 = want1[: want1.index(stop) + 1]
+    want2 = generate_monolithic(model, p2, 11, layout="nhd", block_size=BS)
+    runs = [rig.submit("a", p1, 11, stop=[stop]), rig.submit("b", p2, 11)]
+    for (seq, out), want in zip(runs, (want1, want2), strict=True):
+        msgs = []
+        while not msgs or not msgs[-1][1]:
+            msgs.append(out.get(timeout=60))
+        assert [seq.first_token, *(t for m in msgs for t in m[0])] == want
+        sizes = [len(m[0]) for m in msgs]
+        assert all(n == 3 for n in sizes[:-1]) and 1 <= sizes[-1] <= 3, sizes
+    rig.engine.stop()
+    with pytest.raises(ValueError):
+        DecodeEngine(model, rig.cache, stream_interval=0)
 
 
 def test_stop_token_ends_one_sequence_only(model):

@@ -16,7 +16,10 @@ from kvbridge.connector.serving.daemon.config import ENV_PREFIX, FLAGS, DaemonCo
 FLAG_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("network", ("host", "advertise-host", "grpc-port", "side-port", "metrics-port")),
     ("HTTP API (decode)", ("http-port", "served-model-name")),
-    ("batching and admission", ("max-batch", "max-waiting", "max-requests", "cuda-graphs")),
+    (
+        "batching and admission",
+        ("max-batch", "max-waiting", "max-requests", "cuda-graphs", "stream-interval"),
+    ),
     ("prefill peers (decode)", ("prefill", "prefill-policy", "pull-retries")),
     (
         "security",

@@ -78,6 +78,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         self.engine = DecodeEngine(
             rt.model, rt.cache, max_batch=cfg.max_batch, cuda_graphs=graphs, pad_block=pad,
             on_step=step_recorder(rt.metrics.registry, "decode"),
+            stream_interval=cfg.stream_interval,
         ).start()  # fmt: skip
         self.latency = LatencyMetrics(rt.metrics.registry, rt.cfg.role)
 

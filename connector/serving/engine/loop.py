@@ -42,9 +42,15 @@ class DecodeEngine:
         cuda_graphs: bool = False,
         pad_block: int = 0,
         on_step: Callable[[int, float], None] | None = None,
+        stream_interval: int = 1,
     ) -> None:
         """``pad_block``: a block no sequence owns (padding rows of CUDA graphs write it);
-        ``on_step(batch, seconds)`` is called after every step (metrics)."""
+        ``on_step(batch, seconds)`` is called after every step (metrics);
+        ``stream_interval``: a sequence's tokens are emitted every that many steps
+        (and when it finishes), so its stream sends fewer, larger messages."""
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be positive, got {stream_interval}")
+        self.stream_interval = stream_interval
         self.model, self.cache = model, cache
         self.running = RunningSet(max_batch)
         self.state = BatchState(max_batch, cache.num_blocks, model.device, pad_block)
@@ -163,7 +169,10 @@ class DecodeEngine:
                         seq.finish = "length"
                     if seq.finish:
                         done.append(seq)
-                    seq.emit([tok], seq.finish, None)
+                    seq.unsent.append(tok)
+                    if seq.finish or len(seq.unsent) >= self.stream_interval:
+                        toks, seq.unsent = seq.unsent, []
+                        seq.emit(toks, seq.finish, None)
                 for seq in done:
                     self._leave(seq)
                 time.sleep(0)  # let the servicer threads in (GIL) at every step boundary

@@ -164,6 +164,7 @@ class Sequence:
     generated: int = 1  # the first token came from the prefill
     slot: int = -1
     finish: str | None = None  # "stop", "length", "cancelled", "failed"
+    unsent: list[int] = field(default_factory=list)  # tokens held for the stream interval
     left: threading.Event = field(default_factory=threading.Event)
 
     @property
