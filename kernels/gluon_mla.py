@@ -75,21 +75,22 @@ def _issue_tile(ka_buf, kt_buf, k_head, pg_a, pg_t, n0, num_blocks, stride_kb, s
 
 @gluon.jit(do_not_specialize=_DYNAMIC)
 def mla_decode_hopper(
-    q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, o_ptr, lse_ptr, ks_ptr, vs_ptr,
+    q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, o_ptr, lse_ptr, ks_ptr, vs_ptr, out_ptr, sem_ptr,
     qk_scale, k_scale, v_scale,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_btb,
     stride_ob, stride_ot, stride_oh, stride_os, stride_lb, stride_lt, stride_lh,
-    num_blocks, max_pages, tokens_per_split, group, n_tok, window,
+    stride_fb, stride_ft, stride_fh, num_blocks, max_pages, tokens_per_split, group, n_tok, window,
     PAGE: gl.constexpr, HEAD_TILES: gl.constexpr, DV_TILES: gl.constexpr,
     DA: gl.constexpr, DT: gl.constexpr, DV: gl.constexpr,
     BLOCK_DA: gl.constexpr, BLOCK_DT: gl.constexpr, BLOCK_DV: gl.constexpr,
     BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, V_SHARED: gl.constexpr,
     DIRECT: gl.constexpr, K_SCALE_PTR: gl.constexpr, V_SCALE_PTR: gl.constexpr,
     CAUSAL: gl.constexpr, WINDOW: gl.constexpr, PRECISION: gl.constexpr,
-    UPCAST: gl.constexpr, NUM_STAGES: gl.constexpr, DUP_S: gl.constexpr,
+    UPCAST: gl.constexpr, FUSED: gl.constexpr, NUM_STAGES: gl.constexpr, DUP_S: gl.constexpr,
 ):  # fmt: skip
     gl.static_assert(BLOCK_H == 64)
+    gl.static_assert(not FUSED)  # several splits: the portable stage 2 merges them
     gl.static_assert(DA == DV)
     # -- layouts (8 warps: two warpgroups) --
     if DUP_S:  # both warpgroups compute all of S: row reductions stay inside a warp

@@ -38,6 +38,7 @@ class TritonConfig:
     num_stages: int = 3
     kernel: str = "triton"  # "triton": the portable kernel; "gluon": the Hopper MLA kernel
     dup_scores: bool = False  # gluon: both warpgroups compute all of S (warp-local softmax)
+    fuse_reduce: bool = True  # portable kernel: the last split merges (no stage-2 launch)
 
 
 def default_config(p: DecodeProblem) -> TritonConfig:

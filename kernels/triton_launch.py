@@ -4,7 +4,11 @@
 pointers and strides to the kernels: the cache is never copied. The only
 allocation is the split-K workspace, ``B * T * Hq * splits * (Dv + 1)`` fp32 (one
 tensor), and only when the plan has more than one split (otherwise stage 1 writes
-``out`` and stage 2 is not launched).
+``out`` and stage 2 is not launched). The portable kernel merges its splits itself
+(``FUSED``: one launch): the last split of a row tile to finish reduces, counted on
+int32 counters that the kernel leaves at zero, kept per (device, stream) so calls on
+different streams never share them (during CUDA graph capture: fresh zeros, a
+captured memset).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ MAX_TAIL = 128
 LAST_LAUNCH: dict = {}  # the last stage-1 compiled kernel and grid (for benchmarks)
 _OCCUPANCY: dict[tuple, int | None] = {}  # resident programs per SM, by kernel variant
 _PLANS: dict[tuple, LaunchPlan] = {}  # (problem, config, device) -> plan
+_COUNTERS: dict[tuple, torch.Tensor] = {}  # (device index, raw stream) -> int32 zeros
 
 
 def is_interpreted() -> bool:
@@ -91,6 +96,9 @@ def _static(p: DecodeProblem, plan: LaunchPlan) -> dict:
         consts=consts,
         grid2=(t * h, b),
         occupancy_known=False,
+        fused=plan.meta["FUSED"] and not plan.meta["DIRECT"],
+        counters=plan.grid[0] * plan.grid[1],  # one per (row tile program, sequence)
+        dev=_device_index(plan),
     )
 
 
@@ -139,6 +147,7 @@ def _plan(p: DecodeProblem, cfg: TritonConfig, device: torch.device) -> tuple[La
         WINDOW=p.window > 0,
         PRECISION="ieee" if p.q_dtype == torch.float32 else "tf32",
         UPCAST=is_interpreted(),
+        FUSED=cfg.fuse_reduce and cfg.kernel != "gluon" and splits > 1,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -153,6 +162,25 @@ def _plan(p: DecodeProblem, cfg: TritonConfig, device: torch.device) -> tuple[La
     )  # fmt: skip
     grid = (p.num_kv_heads * head_tiles * dv_tiles, p.batch, splits)
     return LaunchPlan(grid, stage1, splits, per_split, variant, meta, stage2), final
+
+
+def _device_index(plan: LaunchPlan) -> int:
+    dev = plan.variant[0]
+    return (dev.index or 0) if dev.type == "cuda" else 0
+
+
+def _counters(n: int, device: torch.device) -> torch.Tensor:
+    """At least ``n`` zeroed int32 split counters that no concurrent launch uses: per
+    (device, current stream), since the kernel resets each counter it used; fresh
+    (a captured memset) during CUDA graph capture and on the CPU (interpreter)."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    idx = device.index or 0
+    key = (idx, torch._C._cuda_getCurrentRawStream(idx))
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
 
 
 def _out_strides(p: DecodeProblem, out: torch.Tensor) -> tuple[int, int, int]:
@@ -190,31 +218,36 @@ def triton_paged_decode(
             if len(_PLANS) > 4096:
                 _PLANS.clear()
             _PLANS[key] = plan
-    ks, vs = scale_operand(k_scale, q.device), scale_operand(v_scale, q.device)
-    ks_ptr, vs_ptr = isinstance(ks, torch.Tensor), isinstance(vs, torch.Tensor)  # kernel reads it
+    if k_scale is None and v_scale is None:  # the common case, without the calls below
+        ks = vs = 1.0
+        ks_ptr = vs_ptr = False
+    else:
+        ks, vs = scale_operand(k_scale, q.device), scale_operand(v_scale, q.device)
+        ks_ptr, vs_ptr = isinstance(ks, torch.Tensor), isinstance(vs, torch.Tensor)  # read there
     st = plan.static
     if st is None:
         st = _static(p, plan)
         object.__setattr__(plan, "static", st)  # a frozen dataclass's lazy field
     o_st = _out_strides(p, out)
     if st["direct"]:
-        po = lse = out  # lse unused
+        po = lse = sem = out  # lse and the counters unused
         s_po, s_lse = (*o_st, 0), (0, 0, 0)
     else:
         po = torch.empty(st["ws_numel"], dtype=torch.float32, device=q.device)
         lse = po[st["po_numel"] :]
         s_po, s_lse = st["s_po"], st["s_lse"]
+        sem = _counters(st["counters"], q.device) if st["fused"] else po
     qst = q.stride()
     args = (
         q, k_cache, v_cache, block_table, seq_lens, po, lse,
-        ks if ks_ptr else q, vs if vs_ptr else q,
+        ks if ks_ptr else q, vs if vs_ptr else q, out, sem,
         st["qk_scale"], 1.0 if ks_ptr else ks, 1.0 if vs_ptr else vs,
         *(qst[:3] if p.multi else (qst[0], 0, qst[1])),
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
-        *s_po, *s_lse, *st["ints"],
+        *s_po, *s_lse, *o_st, *st["ints"],
     )  # fmt: skip
     consts = st["consts"][(ks_ptr, vs_ptr)]
-    dev = q.device.index or 0
+    dev = st["dev"]
     kernel = launch(plan.stage1 or paged_decode_stage1, plan.kernels, plan.grid, args, consts, dev)
     if not st["occupancy_known"]:
         occ_key = (*plan.variant, st["direct"])
@@ -222,7 +255,7 @@ def triton_paged_decode(
             _OCCUPANCY[occ_key] = ctas_per_sm(kernel, plan.meta["num_warps"])
         st["occupancy_known"] = True
     LAST_LAUNCH.update(stage1=kernel, grid=plan.grid, splits=plan.splits)
-    if not st["direct"]:
+    if not st["direct"] and not st["fused"]:
         args2 = (po, lse, out, *s_po, *s_lse, *o_st, plan.splits, p.num_q_heads)
         launch(paged_decode_stage2, plan.kernels, st["grid2"], args2, plan.stage2, dev)
     return out

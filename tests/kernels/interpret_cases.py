@@ -98,6 +98,7 @@ def test_block_sizes(block_size):
         TritonConfig(block_n=16, num_splits=3),
         TritonConfig(block_n=64, num_splits=7),
         TritonConfig(block_h=32, dv_tiles=2, num_splits=2),
+        TritonConfig(block_n=16, num_splits=3, fuse_reduce=False),  # stage 2 merges
     ],
     ids=str,
 )
@@ -106,6 +107,26 @@ def test_split_k_and_tiles(config):
     out = triton(case, config)
     check_case(case, out)
     assert not out.isnan().any()
+
+
+def test_fused_reduce_counts_on_zeroed_counters_and_leaves_them_zero(monkeypatch):
+    """One launch merges the splits (no stage 2), and the counters it used are back
+    at zero, so the next launch on the same (persistent) counters is right too."""
+    import kvbridge.kernels.triton_launch as tl_launch
+
+    counters = torch.zeros(64, dtype=torch.int32)
+    monkeypatch.setattr(tl_launch, "_counters", lambda n, device: counters)
+    stage2 = []
+    real2 = tl_launch.paged_decode_stage2
+    monkeypatch.setattr(tl_launch, "paged_decode_stage2", type(
+        "Spy", (), {"__getitem__": lambda self, g: stage2.append(g) or real2[g]})())  # fmt: skip
+    for dv_tiles in (1, 2):
+        case = make_case("nhd", seq_lens=[0, 100, 1, 64], num_q_heads=8, num_kv_heads=2)
+        for _ in range(2):
+            check_case(case, triton(case, TritonConfig(block_h=16, dv_tiles=dv_tiles,
+                                                       num_splits=3)))  # fmt: skip
+            assert not counters.any()
+    assert stage2 == []
 
 
 def test_all_sequences_empty_give_zeros():

@@ -65,15 +65,16 @@ def _compile(direct: bool, causal: bool, window: bool, block_n: int, stages: int
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    ptrs = ["q_ptr", "k_ptr", "v_ptr", "bt_ptr", "seq_ptr", "o_ptr", "lse_ptr", "ks_ptr", "vs_ptr"]
+    ptrs = ["q_ptr", "k_ptr", "v_ptr", "bt_ptr", "seq_ptr", "o_ptr", "lse_ptr", "ks_ptr", "vs_ptr",
+            "out_ptr", "sem_ptr"]  # fmt: skip
     types = {n: "*bf16" for n in ptrs}
-    types.update(bt_ptr="*i32", seq_ptr="*i32", lse_ptr="*fp32", qk_scale="fp32",
+    types.update(bt_ptr="*i32", seq_ptr="*i32", lse_ptr="*fp32", sem_ptr="*i32", qk_scale="fp32",
                  k_scale="fp32", v_scale="fp32", o_ptr="*bf16" if direct else "*fp32")  # fmt: skip
     consts = dict(PAGE=64, HEAD_TILES=2, DV_TILES=1, DA=512, DT=64, DV=512, BLOCK_DA=512,
                   BLOCK_DT=64, BLOCK_DV=512, BLOCK_H=64, BLOCK_N=block_n, V_SHARED=True,
                   DIRECT=direct, K_SCALE_PTR=False, V_SCALE_PTR=False, CAUSAL=causal,
-                  WINDOW=window, PRECISION="tf32", UPCAST=False, NUM_STAGES=stages,
-                  DUP_S=dup)  # fmt: skip
+                  WINDOW=window, PRECISION="tf32", UPCAST=False, FUSED=False,
+                  NUM_STAGES=stages, DUP_S=dup)  # fmt: skip
     sig = {n: "constexpr" if n in consts else types.get(n, "i64") for n in k.arg_names}
     aligned = [*ptrs, "stride_kb", "stride_kt", "stride_qb", "stride_qh", "stride_ob"]
     attrs = {(k.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
