@@ -183,12 +183,6 @@ def _counters(n: int, device: torch.device) -> torch.Tensor:
     return buf
 
 
-def _out_strides(p: DecodeProblem, out: torch.Tensor) -> tuple[int, int, int]:
-    """(batch, token, head) strides of ``out``; token stride 0 for a 3-D output."""
-    st = out.stride()
-    return (st[0], st[1], st[2]) if p.multi else (st[0], 0, st[1])
-
-
 def triton_paged_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -228,7 +222,8 @@ def triton_paged_decode(
     if st is None:
         st = _static(p, plan)
         object.__setattr__(plan, "static", st)  # a frozen dataclass's lazy field
-    o_st = _out_strides(p, out)
+    o_st = out.stride()
+    o_st = (o_st[0], o_st[1], o_st[2]) if p.multi else (o_st[0], 0, o_st[1])
     if st["direct"]:
         po = lse = sem = out  # lse and the counters unused
         s_po, s_lse = (*o_st, 0), (0, 0, 0)
