@@ -155,7 +155,8 @@ def _plan(p: DecodeProblem, cfg: TritonConfig, device: torch.device) -> tuple[La
     if cfg.kernel == "gluon":
         from kvbridge.kernels.gluon_mla import mla_decode_hopper as stage1
 
-        meta.update(NUM_STAGES=cfg.num_stages, DUP_S=cfg.dup_scores, num_stages=1)
+        meta.update(NUM_STAGES=cfg.num_stages, DUP_S=cfg.dup_scores, num_stages=1,
+                    KV8=p.kv_dtype == torch.float8_e4m3fn, PV_OVERLAP=cfg.pv_overlap)  # fmt: skip
     stage2 = dict(
         DV=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)),
         BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,
@@ -264,8 +265,14 @@ def gluon_mla_support_error(p: DecodeProblem, device: torch.device) -> str | Non
             "the Hopper MLA kernel needs the MLA shape (one latent head, head_dim_qk 576, "
             "V = its first 512 columns); use backend='triton'"
         )
-    if p.q_dtype != p.kv_dtype or p.q_dtype not in (torch.bfloat16, torch.float16):
-        return "the Hopper MLA kernel needs a bf16 or fp16 cache and q of the same dtype"
+    if p.q_dtype not in (torch.bfloat16, torch.float16) or p.kv_dtype not in (
+        p.q_dtype,
+        torch.float8_e4m3fn,
+    ):
+        return (
+            "the Hopper MLA kernel needs a bf16 or fp16 q and a cache of the same dtype or "
+            "float8_e4m3fn"
+        )
     if device.type != "cuda" or is_interpreted():
         return "the Hopper MLA kernel needs a CUDA device (no interpreter)"
     if torch.cuda.get_device_capability(device)[0] != 9:
