@@ -73,6 +73,14 @@ def test_fp8_with_float_and_tensor_scales(layout):
     check_case(case, triton(case))
 
 
+def test_mla_fp8_latent_split_and_fused():
+    """fp8 latent, bf16 q, separate scales, several splits merged inside stage 1."""
+    case = make_case("mla", seq_lens=[0, 70, 5, 128], num_q_heads=16, block_size=16,
+                     kv_dtype=F8)  # fmt: skip
+    case.k_scale, case.v_scale = torch.tensor(0.03), 0.07
+    check_case(case, triton(case, TritonConfig(block_h=16, block_n=16, num_splits=3)))
+
+
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 256])
 def test_head_dims(head_dim):
     case = make_case("packed", seq_lens=[0, 9, 40], head_dim=head_dim)
