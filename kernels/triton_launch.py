@@ -2,13 +2,14 @@
 
 ``triton_paged_decode`` takes the views exactly as given and passes their data
 pointers and strides to the kernels: the cache is never copied. The only
-allocation is the split-K workspace, ``B * T * Hq * splits * (Dv + 1)`` fp32 (one
+scratch memory is the split-K workspace, ``B * T * Hq * splits * (Dv + 1)`` fp32 (one
 tensor), and only when the plan has more than one split (otherwise stage 1 writes
 ``out`` and stage 2 is not launched). The portable kernel merges its splits itself
 (``FUSED``: one launch): the last split of a row tile to finish reduces, counted on
-int32 counters that the kernel leaves at zero, kept per (device, stream) so calls on
-different streams never share them (during CUDA graph capture: fresh zeros, a
-captured memset).
+int32 counters that the kernel leaves at zero. Workspace and counters are kept per
+(device, stream) and reused by the next launch on that stream, so calls on different
+streams never share them (during CUDA graph capture: fresh ones, the counters' memset
+captured).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ MAX_TAIL = 128
 LAST_LAUNCH: dict = {}  # the last stage-1 compiled kernel and grid (for benchmarks)
 _OCCUPANCY: dict[tuple, int | None] = {}  # resident programs per SM, by kernel variant
 _PLANS: dict[tuple, LaunchPlan] = {}  # (problem, config, device) -> plan
-_COUNTERS: dict[tuple, torch.Tensor] = {}  # (device index, raw stream) -> int32 zeros
+_SCRATCH: dict[tuple, dict] = {}  # (device index, raw stream) -> workspace, counters, views
+MAX_KEPT_WS = 16 * 2**20  # fp32 elements of split-K workspace kept per stream (64 MiB)
 
 
 def is_interpreted() -> bool:
@@ -170,18 +172,38 @@ def _device_index(plan: LaunchPlan) -> int:
     return (dev.index or 0) if dev.type == "cuda" else 0
 
 
-def _counters(n: int, device: torch.device) -> torch.Tensor:
-    """At least ``n`` zeroed int32 split counters that no concurrent launch uses: per
-    (device, current stream), since the kernel resets each counter it used; fresh
-    (a captured memset) during CUDA graph capture and on the CPU (interpreter)."""
+def _scratch(st: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The split-K workspace (partial outputs, their log-sum-exps) and zeroed int32
+    counters of one launch. On CUDA they are kept per (device, current stream) and
+    reused by the next launch on that stream (stream order: it starts after this one
+    ends; the kernel leaves the counters at zero); fresh during CUDA graph capture (the
+    counters' memset is captured), on the CPU (interpreter) and for workspaces over
+    ``MAX_KEPT_WS`` elements."""
+    n_ws, n_po = st["ws_numel"], st["po_numel"]
+    n_sem = st["counters"] if st["fused"] else 1
     if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return torch.zeros(n, dtype=torch.int32, device=device)
+        po = torch.empty(n_ws, dtype=torch.float32, device=device)
+        return po, po[n_po:], torch.zeros(n_sem, dtype=torch.int32, device=device)
     idx = device.index or 0
     key = (idx, torch._C._cuda_getCurrentRawStream(idx))
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return buf
+    kept = _SCRATCH.get(key)
+    if kept is None:
+        kept = _SCRATCH[key] = dict(ws=None, sem=None, views={})
+    views = kept["views"].get((n_ws, n_po, n_sem))
+    if views is not None:
+        return views
+    if kept["sem"] is None or kept["sem"].numel() < n_sem:
+        kept["sem"] = torch.zeros(max(n_sem, 4096), dtype=torch.int32, device=device)
+        kept["views"].clear()
+    if n_ws > MAX_KEPT_WS:
+        po = torch.empty(n_ws, dtype=torch.float32, device=device)
+        return po, po[n_po:], kept["sem"]
+    if kept["ws"] is None or kept["ws"].numel() < n_ws:
+        kept["ws"] = torch.empty(max(n_ws, 2**16), dtype=torch.float32, device=device)
+        kept["views"].clear()
+    ws = kept["ws"]
+    views = kept["views"][(n_ws, n_po, n_sem)] = (ws, ws[n_po:], kept["sem"])
+    return views
 
 
 def triton_paged_decode(
@@ -229,10 +251,8 @@ def triton_paged_decode(
         po = lse = sem = out  # lse and the counters unused
         s_po, s_lse = (*o_st, 0), (0, 0, 0)
     else:
-        po = torch.empty(st["ws_numel"], dtype=torch.float32, device=q.device)
-        lse = po[st["po_numel"] :]
+        po, lse, sem = _scratch(st, q.device)
         s_po, s_lse = st["s_po"], st["s_lse"]
-        sem = _counters(st["counters"], q.device) if st["fused"] else po
     qst = q.stride()
     args = (
         q, k_cache, v_cache, block_table, seq_lens, po, lse,

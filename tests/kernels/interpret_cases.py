@@ -123,7 +123,13 @@ def test_fused_reduce_counts_on_zeroed_counters_and_leaves_them_zero(monkeypatch
     import kvbridge.kernels.triton_launch as tl_launch
 
     counters = torch.zeros(64, dtype=torch.int32)
-    monkeypatch.setattr(tl_launch, "_counters", lambda n, device: counters)
+    real = tl_launch._scratch
+
+    def scratch(st, device):  # the kept (reused) counters of a CUDA stream
+        po, lse, _ = real(st, device)
+        return po, lse, counters
+
+    monkeypatch.setattr(tl_launch, "_scratch", scratch)
     stage2 = []
     real2 = tl_launch.paged_decode_stage2
     monkeypatch.setattr(tl_launch, "paged_decode_stage2", type(
