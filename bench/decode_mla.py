@@ -101,7 +101,8 @@ def checks(log) -> list[dict]:
         ("fp8 splits=3 dup", {**base, "kv_dtype": F8}, (32, 4, 3, True)),
         ("fp8 64x2", {**base, "kv_dtype": F8}, (64, 2, None, False)),
     ]  # fmt: skip
-    cases += [(f"ring {c[0]}x{c[1]} splits={c[2]} dup={c[3]}", base, c) for c in GLUON_SWEEP]
+    cases += [(f"ring {c[0]}x{c[1]} splits={c[2]} dup={c[3]} {c[4:]}", base, c)
+              for c in GLUON_SWEEP]  # fmt: skip
     rows = []
     for name, kw, cfg in cases:
         kw = dict(kw)
