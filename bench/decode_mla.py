@@ -115,14 +115,22 @@ def checks(log) -> list[dict]:
         out = torch.full(case.out_shape(), float("nan"), dtype=case.q.dtype, device="cuda")
         p = check_inputs(case.q, case.k, case.v, case.block_table, case.seq_lens, None,
                          case.k_scale, case.v_scale, out, case.window)  # fmt: skip
-        for _ in range(2):  # the second call takes the cached (fast) launch path
-            out.fill_(float("nan"))
-            if cfg is None:
-                paged_decode(case.q, case.k, case.v, case.block_table, case.seq_lens, out=out,
-                             backend="gluon-mla", **case.kwargs())  # fmt: skip
-            else:
-                gluon_mla_paged_decode(case.q, case.k, case.v, case.block_table, case.seq_lens,
-                                       p, case.k_scale, case.v_scale, out, gcfg(*cfg))  # fmt: skip
+        try:
+            for _ in range(2):  # the second call takes the cached (fast) launch path
+                out.fill_(float("nan"))
+                if cfg is None:
+                    paged_decode(case.q, case.k, case.v, case.block_table, case.seq_lens,
+                                 out=out, backend="gluon-mla", **case.kwargs())  # fmt: skip
+                else:
+                    gluon_mla_paged_decode(case.q, case.k, case.v, case.block_table,
+                                           case.seq_lens, p, case.k_scale, case.v_scale, out,
+                                           gcfg(*cfg))  # fmt: skip
+        except Exception as exc:  # a sweep tile that this Triton cannot fit: skipped
+            if cfg is None or type(exc).__name__ != "OutOfResources":
+                raise
+            rows.append(dict(check=name, skipped=str(exc)[:200]))
+            log(f"  {name:32s} skipped (this Triton: {str(exc)[:60]})")
+            continue
         torch.cuda.synchronize()
         used = LAST_LAUNCH["stage1"]
         gluon = "mla_decode_hopper" in str(getattr(used, "name", used))

@@ -52,16 +52,16 @@ def test_refused_with_a_clear_error(make, match):
                      **c.kwargs())  # fmt: skip
 
 
-def test_auto_leaves_an_fp8_latent_to_the_portable_kernel_until_enabled(monkeypatch):
+def test_auto_takes_an_fp8_latent_unless_switched_off(monkeypatch):
     import kvbridge.kernels.backends as backends
 
     gluon, cuda = REGISTRY["gluon-mla"], torch.device("cuda", 0)
     assert gluon.auto_ok(_problem(_mla()), cuda)
     assert not gluon.auto_ok(_problem(_mla()), torch.device("cpu"))
     fp8 = _problem(_mla(kv_dtype=torch.float8_e4m3fn))
-    assert not gluon.auto_ok(fp8, cuda)
-    monkeypatch.setattr(backends, "GLUON_FP8_AUTO", True)
     assert gluon.auto_ok(fp8, cuda)
+    monkeypatch.setattr(backends, "GLUON_FP8_AUTO", False)
+    assert not gluon.auto_ok(fp8, cuda)
 
 
 def test_v_not_a_prefix_of_k_is_refused():
