@@ -91,14 +91,14 @@ def paged_decode(
             _CALLS[key] = (problem, chosen)
     else:
         problem, chosen = hit
-    if block_table.device.type == "cpu":
+    if block_table.is_cpu:
         if validate is not False:
             check_indices(block_table, seq_lens, problem)  # host data: no sync
-        if chosen.device_metadata and q.device.type != "cpu":
+        if chosen.device_metadata and not q.is_cpu:
             block_table = block_table.to(q.device, non_blocking=True)
             seq_lens = seq_lens.to(q.device, non_blocking=True)
     elif validate and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         check_indices(block_table, seq_lens, problem)  # one sync
     if out is None:
-        out = torch.empty(problem.out_shape, dtype=q.dtype, device=q.device)
+        out = q.new_empty(problem.out_shape)  # q's dtype and device
     return chosen.launch(q, k_cache, v_cache, block_table, seq_lens, problem, k_scale, v_scale, out)

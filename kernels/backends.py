@@ -112,6 +112,18 @@ def _gluon_support(p: DecodeProblem, device: torch.device) -> str | None:
     return mod.gluon_mla_support_error(p, device)
 
 
+def _gluon_auto_ok(p: DecodeProblem, device: torch.device) -> bool:
+    """``auto`` takes the Hopper MLA kernel on CUDA; for an fp8 latent while
+    ``GLUON_FP8_AUTO`` is set (checked on an H200 against the float64 reference and
+    faster than the portable kernel there: bench/README.md)."""
+    if device.type != "cuda":
+        return False
+    return p.kv_dtype != torch.float8_e4m3fn or GLUON_FP8_AUTO
+
+
+GLUON_FP8_AUTO = True
+
+
 def _gluon_launch(*args, **kw) -> torch.Tensor:
     fn = _TRITON.get("gluon")
     if fn is None:
@@ -122,7 +134,7 @@ def _gluon_launch(*args, **kw) -> torch.Tensor:
 
 
 # -- Hopper MLA (Gluon: wgmma, cp.async ring), first for ``auto`` on sm_90 MLA calls --
-register(Backend("gluon-mla", _gluon_support, lambda p, d: d.type == "cuda", _gluon_launch))
+register(Backend("gluon-mla", _gluon_support, _gluon_auto_ok, _gluon_launch))
 register(Backend("triton", _triton_support, lambda p, d: d.type == "cuda", _triton_launch))
 register(
     Backend(

@@ -7,6 +7,7 @@ when they live on a GPU). Errors are ``PagedDecodeError`` and name the argument.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,13 @@ class DecodeProblem:
     tokens: int = 1  # query tokens per sequence (T): the last T positions, causal
     window: int = 0  # sliding window (0: none): keys j with p - window < j <= p
     multi: bool = False  # q is (B, T, Hq, D) and the output (B, T, Hq, Dv)
+
+    def __hash__(self) -> int:  # hashed on every call (plan lookup): computed once
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(dataclasses.astuple(self))
+            object.__setattr__(self, "_hash", h)
+        return h
 
     @property
     def group(self) -> int:

@@ -16,13 +16,22 @@ and runs 8 warps (two warpgroups):
   warpgroups by a layout conversion, ``O += P V`` with ``V`` = the first 512
   columns of the *same* shared-memory tile (the latent is read once), each
   warpgroup accumulating 256 of the 512 output columns (128 fp32 registers/thread);
-- the ``P V`` MMA of tile i stays in flight into the next iteration; once it retires
-  (while tile i+1's scores are still computing) its slot is refilled.
+- the ``P V`` MMA of tile i stays in flight into the next iteration, through the
+  wait for tile i+1's copies, and retires before tile i+1's score MMAs are issued
+  (``PV_OVERLAP``, the earlier schedule, keeps it in flight under those too, but then
+  ptxas serialises every wgmma of the kernel: warning C7514); then its slot is
+  refilled while the scores compute.
 
 Same arguments, masks, positions (T > 1 causal, window) and output contract as
 ``triton_kernels.paged_decode_stage1`` (one split writes ``out``, several write
 partial outputs and log-sum-exps for its stage 2). Requires sm_90 (wgmma), 16-bit
-q and cache of the same dtype, 8 warps.
+q and a cache of the same dtype, or a float8_e4m3fn cache (``KV8``), 8 warps.
+
+fp8 latent (``KV8``): the ring holds fp8 pages (half the bytes per key, so 32-key
+tiles fit 4 deep); each landed tile is widened to q's dtype into one of two
+shared-memory tiles that both MMAs read (the other one may still be under the
+previous tile's ``P V``), and ``k_scale`` / ``v_scale`` fold into the softmax scale
+and the output as in the portable kernel.
 """
 
 from __future__ import annotations
@@ -75,21 +84,23 @@ def _issue_tile(ka_buf, kt_buf, k_head, pg_a, pg_t, n0, num_blocks, stride_kb, s
 
 @gluon.jit(do_not_specialize=_DYNAMIC)
 def mla_decode_hopper(
-    q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, o_ptr, lse_ptr, ks_ptr, vs_ptr,
+    q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, o_ptr, lse_ptr, ks_ptr, vs_ptr, out_ptr, sem_ptr,
     qk_scale, k_scale, v_scale,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_btb,
     stride_ob, stride_ot, stride_oh, stride_os, stride_lb, stride_lt, stride_lh,
-    num_blocks, max_pages, tokens_per_split, group, n_tok, window,
+    stride_fb, stride_ft, stride_fh, num_blocks, max_pages, tokens_per_split, group, n_tok, window,
     PAGE: gl.constexpr, HEAD_TILES: gl.constexpr, DV_TILES: gl.constexpr,
     DA: gl.constexpr, DT: gl.constexpr, DV: gl.constexpr,
     BLOCK_DA: gl.constexpr, BLOCK_DT: gl.constexpr, BLOCK_DV: gl.constexpr,
     BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, V_SHARED: gl.constexpr,
     DIRECT: gl.constexpr, K_SCALE_PTR: gl.constexpr, V_SCALE_PTR: gl.constexpr,
     CAUSAL: gl.constexpr, WINDOW: gl.constexpr, PRECISION: gl.constexpr,
-    UPCAST: gl.constexpr, NUM_STAGES: gl.constexpr, DUP_S: gl.constexpr,
+    UPCAST: gl.constexpr, FUSED: gl.constexpr, NUM_STAGES: gl.constexpr, DUP_S: gl.constexpr,
+    KV8: gl.constexpr, PV_OVERLAP: gl.constexpr,
 ):  # fmt: skip
     gl.static_assert(BLOCK_H == 64)
+    gl.static_assert(not FUSED)  # several splits: the portable stage 2 merges them
     gl.static_assert(DA == DV)
     # -- layouts (8 warps: two warpgroups) --
     if DUP_S:  # both warpgroups compute all of S: row reductions stay inside a warp
@@ -104,8 +115,13 @@ def mla_decode_hopper(
         version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, DV // 2, 16]
     )
     P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
-    LD_A: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [8, 1], [1, 0])
-    LD_T: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
+    if KV8:  # 16 fp8 elements = one 16-byte cp.async
+        LD_A: gl.constexpr = gl.BlockedLayout([1, 16], [1, 32], [8, 1], [1, 0])
+        LD_T: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [8, 1], [1, 0])
+        SH8: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    else:
+        LD_A: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [8, 1], [1, 0])
+        LD_T: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
     SH: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     ROW_S: gl.constexpr = gl.SliceLayout(1, S_L)
     COL_S: gl.constexpr = gl.SliceLayout(0, S_L)
@@ -148,8 +164,15 @@ def mla_decode_hopper(
     q_t = gl.load(q_rows_t[:, None] + cols_t[None, :], mask=(rows_t < n_rows)[:, None], other=0.0)
     qt_smem = gl.allocate_shared_memory(cdt, [BLOCK_H, DT], SH, q_t)
 
-    ka_ring = gl.allocate_shared_memory(cdt, [NUM_STAGES, BLOCK_N, DA], SH)
-    kt_ring = gl.allocate_shared_memory(cdt, [NUM_STAGES, BLOCK_N, DT], SH)
+    if KV8:  # fp8 pages land in the ring, then are widened into a double-buffered tile
+        kdt: gl.constexpr = k_ptr.dtype.element_ty
+        ka_ring = gl.allocate_shared_memory(kdt, [NUM_STAGES, BLOCK_N, DA], SH8)
+        kt_ring = gl.allocate_shared_memory(kdt, [NUM_STAGES, BLOCK_N, DT], SH8)
+        kb_a = gl.allocate_shared_memory(cdt, [2, BLOCK_N, DA], SH)
+        kb_t = gl.allocate_shared_memory(cdt, [2, BLOCK_N, DT], SH)
+    else:
+        ka_ring = gl.allocate_shared_memory(cdt, [NUM_STAGES, BLOCK_N, DA], SH)
+        kt_ring = gl.allocate_shared_memory(cdt, [NUM_STAGES, BLOCK_N, DT], SH)
     k_head = k_ptr  # one latent head (kvh == 0): no head stride in the copy addresses
     bt_row = bt_ptr + b * stride_btb
     SL_A: gl.constexpr = gl.SliceLayout(1, LD_A)
@@ -190,14 +213,27 @@ def mla_decode_hopper(
         cp.wait_group(NUM_STAGES - 2)  # tile i has landed (this thread's copies)
         fence_async_shared()
         _cta_barrier()  # ... and every thread's
-        ka = ka_ring.index(slot)
-        kt = kt_ring.index(slot)
+        if KV8:  # widen to q's dtype (the scales are folded into qk_scale and v_scale);
+            # buffer i % 2 was last read by P V of tile i-2, retired in iteration i-1
+            ka = kb_a.index(i % 2)
+            kt = kb_t.index(i % 2)
+            ka.store(ka_ring.index(slot).load(LD_A).to(cdt))
+            kt.store(kt_ring.index(slot).load(LD_T).to(cdt))
+            fence_async_shared()  # generic-proxy stores, read next by wgmma
+            _cta_barrier()
+        else:
+            ka = ka_ring.index(slot)
+            kt = kt_ring.index(slot)
+        if not PV_OVERLAP:  # P V of tile i-1 retires before the scores' MMAs are issued:
+            # one in flight across them makes ptxas serialise every wgmma (C7514)
+            acc = warpgroup_mma_wait(0, deps=(acc,))
         s_tok = warpgroup_mma(qa_smem, ka.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s_tok = warpgroup_mma(qt_smem, kt.permute((1, 0)), s_tok, is_async=True)
-        # groups in flight: P V of tile i-1, then the two Q K^T of tile i; once the
-        # first retires, tile i-1's slot is free: fetch tile i + NUM_STAGES - 1 into it
+        # groups in flight: (PV_OVERLAP: P V of tile i-1, then) the two Q K^T of tile i;
+        # once P V retires, tile i-1's slot is free: fetch tile i + NUM_STAGES - 1 into it
         # while the scores are still being computed
-        acc = warpgroup_mma_wait(2, deps=(acc,))
+        if PV_OVERLAP:
+            acc = warpgroup_mma_wait(2, deps=(acc,))
         nxt = i + NUM_STAGES - 1
         _issue_tile(ka_ring.index(nxt % NUM_STAGES), kt_ring.index(nxt % NUM_STAGES), k_head,
                     ids_a, ids_t, start + nxt * BLOCK_N, num_blocks, stride_kb, stride_kt,

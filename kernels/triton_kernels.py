@@ -21,7 +21,9 @@ registers (MLA: 128 heads x 512 columns). Online softmax in fp32, base 2.
 Stage 2 merges the splits' normalised partial outputs by their log-sum-exp; a
 split (or sequence) with no tokens has lse = -inf and weight 0, and a row whose
 weights are all 0 is written as zeros (never 0/0). With one split stage 1
-writes the output directly.
+writes the output directly. With ``FUSED`` the merge runs inside stage 1 (one
+launch): each split counts itself on an int32 counter per (row tile, sequence)
+and the last to arrive merges (``_merge_if_last``) and resets the counter to 0.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ def paged_decode_stage1(
     lse_ptr,
     ks_ptr,
     vs_ptr,
+    out_ptr,
+    sem_ptr,
     qk_scale,
     k_scale,
     v_scale,
@@ -82,6 +86,9 @@ def paged_decode_stage1(
     stride_lb,
     stride_lt,
     stride_lh,
+    stride_fb,
+    stride_ft,
+    stride_fh,
     num_blocks,
     max_pages,
     tokens_per_split,
@@ -107,6 +114,7 @@ def paged_decode_stage1(
     WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    FUSED: tl.constexpr,
 ):
     pid_h = tl.program_id(0) // DV_TILES
     dv_tile = tl.program_id(0) % DV_TILES
@@ -219,8 +227,45 @@ def paged_decode_stage1(
     else:
         tl.store(o_ptrs + split * stride_os, o, mask=o_mask)
         lse = tl.where(has, m_i + tl.log2(l_safe), float("-inf"))
-        l_ptrs = lse_ptr + b * stride_lb + tok * stride_lt + heads * stride_lh + split
-        tl.store(l_ptrs, lse, mask=h_mask)
+        l_rows = lse_ptr + b * stride_lb + tok * stride_lt + heads * stride_lh
+        tl.store(l_rows + split, lse, mask=h_mask)
+        if FUSED:  # the last split of this row tile to finish merges all of them
+            f_rows = out_ptr + b * stride_fb + tok * stride_ft + heads * stride_fh
+            _merge_if_last(o_ptrs, l_rows, f_rows[:, None] + offs_dv[None, :], o_mask, h_mask,
+                           sem_ptr + b * tl.num_programs(0) + tl.program_id(0), stride_os,
+                           BLOCK_H, BLOCK_DV)  # fmt: skip
+
+
+@triton.jit
+def _merge_if_last(po_ptrs, l_rows, out_ptrs, o_mask, h_mask, counter, stride_os,
+                   BLOCK_H: tl.constexpr, BLOCK_DV: tl.constexpr):  # fmt: skip
+    """Split-K reduce inside stage 1: count this split's partials as written; the last
+    split to arrive merges every split's partial output by log-sum-exp into ``out`` and
+    resets the counter to 0 for the next launch on the stream.
+
+    The partials of other programs are read through L2 (``.cg``) after an acquire on
+    the counter; this program's stores are released by the barrier + acq_rel atomic.
+    """
+    n_split = tl.num_programs(2)
+    tl.debug_barrier()  # every thread's partial stores precede the (one-thread) release
+    arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+    if arrived == n_split - 1:
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+        m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        for s in range(0, n_split):
+            ls = tl.load(l_rows + s, mask=h_mask, other=float("-inf"), cache_modifier=".cg")
+            m = tl.maximum(m, ls)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        den = tl.zeros([BLOCK_H], tl.float32)
+        num = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+        for s in range(0, n_split):
+            ls = tl.load(l_rows + s, mask=h_mask, other=float("-inf"), cache_modifier=".cg")
+            w = tl.where(ls > float("-inf"), tl.exp2(ls - m_safe), 0.0)
+            po = tl.load(po_ptrs + s * stride_os, mask=o_mask, other=0.0, cache_modifier=".cg")
+            num += po * w[:, None]
+            den += w
+        o = tl.where(den[:, None] > 0.0, num / tl.where(den > 0.0, den, 1.0)[:, None], 0.0)
+        tl.store(out_ptrs, o.to(out_ptrs.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit(do_not_specialize=["num_splits", "num_heads"])

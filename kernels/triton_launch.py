@@ -2,9 +2,14 @@
 
 ``triton_paged_decode`` takes the views exactly as given and passes their data
 pointers and strides to the kernels: the cache is never copied. The only
-allocation is the split-K workspace, ``B * T * Hq * splits * (Dv + 1)`` fp32 (one
+scratch memory is the split-K workspace, ``B * T * Hq * splits * (Dv + 1)`` fp32 (one
 tensor), and only when the plan has more than one split (otherwise stage 1 writes
-``out`` and stage 2 is not launched).
+``out`` and stage 2 is not launched). The portable kernel merges its splits itself
+(``FUSED``: one launch): the last split of a row tile to finish reduces, counted on
+int32 counters that the kernel leaves at zero. Workspace and counters are kept per
+(device, stream) and reused by the next launch on that stream, so calls on different
+streams never share them (during CUDA graph capture: fresh ones, the counters' memset
+captured).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ MAX_TAIL = 128
 LAST_LAUNCH: dict = {}  # the last stage-1 compiled kernel and grid (for benchmarks)
 _OCCUPANCY: dict[tuple, int | None] = {}  # resident programs per SM, by kernel variant
 _PLANS: dict[tuple, LaunchPlan] = {}  # (problem, config, device) -> plan
+_SCRATCH: dict[tuple, dict] = {}  # (device index, raw stream) -> workspace, counters, views
+MAX_KEPT_WS = 16 * 2**20  # fp32 elements of split-K workspace kept per stream (64 MiB)
 
 
 def is_interpreted() -> bool:
@@ -91,6 +98,9 @@ def _static(p: DecodeProblem, plan: LaunchPlan) -> dict:
         consts=consts,
         grid2=(t * h, b),
         occupancy_known=False,
+        fused=plan.meta["FUSED"] and not plan.meta["DIRECT"],
+        counters=plan.grid[0] * plan.grid[1],  # one per (row tile program, sequence)
+        dev=_device_index(plan),
     )
 
 
@@ -139,6 +149,7 @@ def _plan(p: DecodeProblem, cfg: TritonConfig, device: torch.device) -> tuple[La
         WINDOW=p.window > 0,
         PRECISION="ieee" if p.q_dtype == torch.float32 else "tf32",
         UPCAST=is_interpreted(),
+        FUSED=cfg.fuse_reduce and cfg.kernel != "gluon" and splits > 1,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -146,7 +157,8 @@ def _plan(p: DecodeProblem, cfg: TritonConfig, device: torch.device) -> tuple[La
     if cfg.kernel == "gluon":
         from kvbridge.kernels.gluon_mla import mla_decode_hopper as stage1
 
-        meta.update(NUM_STAGES=cfg.num_stages, DUP_S=cfg.dup_scores, num_stages=1)
+        meta.update(NUM_STAGES=cfg.num_stages, DUP_S=cfg.dup_scores, num_stages=1,
+                    KV8=p.kv_dtype == torch.float8_e4m3fn, PV_OVERLAP=cfg.pv_overlap)  # fmt: skip
     stage2 = dict(
         DV=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)),
         BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,
@@ -155,10 +167,43 @@ def _plan(p: DecodeProblem, cfg: TritonConfig, device: torch.device) -> tuple[La
     return LaunchPlan(grid, stage1, splits, per_split, variant, meta, stage2), final
 
 
-def _out_strides(p: DecodeProblem, out: torch.Tensor) -> tuple[int, int, int]:
-    """(batch, token, head) strides of ``out``; token stride 0 for a 3-D output."""
-    st = out.stride()
-    return (st[0], st[1], st[2]) if p.multi else (st[0], 0, st[1])
+def _device_index(plan: LaunchPlan) -> int:
+    dev = plan.variant[0]
+    return (dev.index or 0) if dev.type == "cuda" else 0
+
+
+def _scratch(st: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The split-K workspace (partial outputs, their log-sum-exps) and zeroed int32
+    counters of one launch. On CUDA they are kept per (device, current stream) and
+    reused by the next launch on that stream (stream order: it starts after this one
+    ends; the kernel leaves the counters at zero); fresh during CUDA graph capture (the
+    counters' memset is captured), on the CPU (interpreter) and for workspaces over
+    ``MAX_KEPT_WS`` elements."""
+    n_ws, n_po = st["ws_numel"], st["po_numel"]
+    n_sem = st["counters"] if st["fused"] else 1
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        po = torch.empty(n_ws, dtype=torch.float32, device=device)
+        return po, po[n_po:], torch.zeros(n_sem, dtype=torch.int32, device=device)
+    idx = device.index or 0
+    key = (idx, torch._C._cuda_getCurrentRawStream(idx))
+    kept = _SCRATCH.get(key)
+    if kept is None:
+        kept = _SCRATCH[key] = dict(ws=None, sem=None, views={})
+    views = kept["views"].get((n_ws, n_po, n_sem))
+    if views is not None:
+        return views
+    if kept["sem"] is None or kept["sem"].numel() < n_sem:
+        kept["sem"] = torch.zeros(max(n_sem, 4096), dtype=torch.int32, device=device)
+        kept["views"].clear()
+    if n_ws > MAX_KEPT_WS:
+        po = torch.empty(n_ws, dtype=torch.float32, device=device)
+        return po, po[n_po:], kept["sem"]
+    if kept["ws"] is None or kept["ws"].numel() < n_ws:
+        kept["ws"] = torch.empty(max(n_ws, 2**16), dtype=torch.float32, device=device)
+        kept["views"].clear()
+    ws = kept["ws"]
+    views = kept["views"][(n_ws, n_po, n_sem)] = (ws, ws[n_po:], kept["sem"])
+    return views
 
 
 def triton_paged_decode(
@@ -190,31 +235,35 @@ def triton_paged_decode(
             if len(_PLANS) > 4096:
                 _PLANS.clear()
             _PLANS[key] = plan
-    ks, vs = scale_operand(k_scale, q.device), scale_operand(v_scale, q.device)
-    ks_ptr, vs_ptr = isinstance(ks, torch.Tensor), isinstance(vs, torch.Tensor)  # kernel reads it
+    if k_scale is None and v_scale is None:  # the common case, without the calls below
+        ks = vs = 1.0
+        ks_ptr = vs_ptr = False
+    else:
+        ks, vs = scale_operand(k_scale, q.device), scale_operand(v_scale, q.device)
+        ks_ptr, vs_ptr = isinstance(ks, torch.Tensor), isinstance(vs, torch.Tensor)  # read there
     st = plan.static
     if st is None:
         st = _static(p, plan)
         object.__setattr__(plan, "static", st)  # a frozen dataclass's lazy field
-    o_st = _out_strides(p, out)
+    o_st = out.stride()
+    o_st = (o_st[0], o_st[1], o_st[2]) if p.multi else (o_st[0], 0, o_st[1])
     if st["direct"]:
-        po = lse = out  # lse unused
+        po = lse = sem = out  # lse and the counters unused
         s_po, s_lse = (*o_st, 0), (0, 0, 0)
     else:
-        po = torch.empty(st["ws_numel"], dtype=torch.float32, device=q.device)
-        lse = po[st["po_numel"] :]
+        po, lse, sem = _scratch(st, q.device)
         s_po, s_lse = st["s_po"], st["s_lse"]
     qst = q.stride()
     args = (
         q, k_cache, v_cache, block_table, seq_lens, po, lse,
-        ks if ks_ptr else q, vs if vs_ptr else q,
+        ks if ks_ptr else q, vs if vs_ptr else q, out, sem,
         st["qk_scale"], 1.0 if ks_ptr else ks, 1.0 if vs_ptr else vs,
         *(qst[:3] if p.multi else (qst[0], 0, qst[1])),
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
-        *s_po, *s_lse, *st["ints"],
+        *s_po, *s_lse, *o_st, *st["ints"],
     )  # fmt: skip
     consts = st["consts"][(ks_ptr, vs_ptr)]
-    dev = q.device.index or 0
+    dev = st["dev"]
     kernel = launch(plan.stage1 or paged_decode_stage1, plan.kernels, plan.grid, args, consts, dev)
     if not st["occupancy_known"]:
         occ_key = (*plan.variant, st["direct"])
@@ -222,7 +271,7 @@ def triton_paged_decode(
             _OCCUPANCY[occ_key] = ctas_per_sm(kernel, plan.meta["num_warps"])
         st["occupancy_known"] = True
     LAST_LAUNCH.update(stage1=kernel, grid=plan.grid, splits=plan.splits)
-    if not st["direct"]:
+    if not st["direct"] and not st["fused"]:
         args2 = (po, lse, out, *s_po, *s_lse, *o_st, plan.splits, p.num_q_heads)
         launch(paged_decode_stage2, plan.kernels, st["grid2"], args2, plan.stage2, dev)
     return out
@@ -236,8 +285,14 @@ def gluon_mla_support_error(p: DecodeProblem, device: torch.device) -> str | Non
             "the Hopper MLA kernel needs the MLA shape (one latent head, head_dim_qk 576, "
             "V = its first 512 columns); use backend='triton'"
         )
-    if p.q_dtype != p.kv_dtype or p.q_dtype not in (torch.bfloat16, torch.float16):
-        return "the Hopper MLA kernel needs a bf16 or fp16 cache and q of the same dtype"
+    if p.q_dtype not in (torch.bfloat16, torch.float16) or p.kv_dtype not in (
+        p.q_dtype,
+        torch.float8_e4m3fn,
+    ):
+        return (
+            "the Hopper MLA kernel needs a bf16 or fp16 q and a cache of the same dtype or "
+            "float8_e4m3fn"
+        )
     if device.type != "cuda" or is_interpreted():
         return "the Hopper MLA kernel needs a CUDA device (no interpreter)"
     if torch.cuda.get_device_capability(device)[0] != 9:

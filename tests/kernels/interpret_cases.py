@@ -73,6 +73,14 @@ def test_fp8_with_float_and_tensor_scales(layout):
     check_case(case, triton(case))
 
 
+def test_mla_fp8_latent_split_and_fused():
+    """fp8 latent, bf16 q, separate scales, several splits merged inside stage 1."""
+    case = make_case("mla", seq_lens=[0, 70, 5, 128], num_q_heads=16, block_size=16,
+                     kv_dtype=F8)  # fmt: skip
+    case.k_scale, case.v_scale = torch.tensor(0.03), 0.07
+    check_case(case, triton(case, TritonConfig(block_h=16, block_n=16, num_splits=3)))
+
+
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 256])
 def test_head_dims(head_dim):
     case = make_case("packed", seq_lens=[0, 9, 40], head_dim=head_dim)
@@ -98,6 +106,7 @@ def test_block_sizes(block_size):
         TritonConfig(block_n=16, num_splits=3),
         TritonConfig(block_n=64, num_splits=7),
         TritonConfig(block_h=32, dv_tiles=2, num_splits=2),
+        TritonConfig(block_n=16, num_splits=3, fuse_reduce=False),  # stage 2 merges
     ],
     ids=str,
 )
@@ -106,6 +115,32 @@ def test_split_k_and_tiles(config):
     out = triton(case, config)
     check_case(case, out)
     assert not out.isnan().any()
+
+
+def test_fused_reduce_counts_on_zeroed_counters_and_leaves_them_zero(monkeypatch):
+    """One launch merges the splits (no stage 2), and the counters it used are back
+    at zero, so the next launch on the same (persistent) counters is right too."""
+    import kvbridge.kernels.triton_launch as tl_launch
+
+    counters = torch.zeros(64, dtype=torch.int32)
+    real = tl_launch._scratch
+
+    def scratch(st, device):  # the kept (reused) counters of a CUDA stream
+        po, lse, _ = real(st, device)
+        return po, lse, counters
+
+    monkeypatch.setattr(tl_launch, "_scratch", scratch)
+    stage2 = []
+    real2 = tl_launch.paged_decode_stage2
+    monkeypatch.setattr(tl_launch, "paged_decode_stage2", type(
+        "Spy", (), {"__getitem__": lambda self, g: stage2.append(g) or real2[g]})())  # fmt: skip
+    for dv_tiles in (1, 2):
+        case = make_case("nhd", seq_lens=[0, 100, 1, 64], num_q_heads=8, num_kv_heads=2)
+        for _ in range(2):
+            check_case(case, triton(case, TritonConfig(block_h=16, dv_tiles=dv_tiles,
+                                                       num_splits=3)))  # fmt: skip
+            assert not counters.any()
+    assert stage2 == []
 
 
 def test_all_sequences_empty_give_zeros():

@@ -44,6 +44,18 @@ def test_mla_latent(num_q_heads):
     check_case(case, run(case))
 
 
+@pytest.mark.parametrize("tensor_scales", [False, True])
+def test_mla_fp8_latent_with_scales(tensor_scales):
+    """An fp8 (e4m3) latent with a bf16 q: K and V (its first 512 columns) are
+    dequantised by k_scale and v_scale (floats or one-element tensors)."""
+    case = make_case("mla", seq_lens=[0, 70, 5, 128], num_q_heads=16, block_size=64,
+                     kv_dtype=F8)  # fmt: skip
+    assert case.k.dtype == F8 and case.q.dtype == torch.bfloat16
+    if tensor_scales:
+        case.k_scale, case.v_scale = torch.tensor(0.03), torch.tensor(0.07)
+    check_case(case, run(case))
+
+
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
 def test_head_dims(head_dim):
     case = make_case("hnd", seq_lens=SEQS, head_dim=head_dim)

@@ -41,7 +41,8 @@ def test_auto_on_cpu_never_picks_it():
             lambda: make_case("nhd", seq_lens=[5], num_q_heads=4, num_kv_heads=2),
             r"needs the MLA shape",
         ),
-        (lambda: _mla(kv_dtype=torch.float8_e4m3fn), r"needs a bf16 or fp16 cache"),
+        (lambda: _mla(dtype=torch.float32), r"needs a bf16 or fp16 q"),
+        (lambda: _mla(kv_dtype=torch.float8_e4m3fn), r"needs a CUDA device"),  # fp8: supported
     ],
 )
 def test_refused_with_a_clear_error(make, match):
@@ -51,6 +52,18 @@ def test_refused_with_a_clear_error(make, match):
                      **c.kwargs())  # fmt: skip
 
 
+def test_auto_takes_an_fp8_latent_unless_switched_off(monkeypatch):
+    import kvbridge.kernels.backends as backends
+
+    gluon, cuda = REGISTRY["gluon-mla"], torch.device("cuda", 0)
+    assert gluon.auto_ok(_problem(_mla()), cuda)
+    assert not gluon.auto_ok(_problem(_mla()), torch.device("cpu"))
+    fp8 = _problem(_mla(kv_dtype=torch.float8_e4m3fn))
+    assert gluon.auto_ok(fp8, cuda)
+    monkeypatch.setattr(backends, "GLUON_FP8_AUTO", False)
+    assert not gluon.auto_ok(fp8, cuda)
+
+
 def test_v_not_a_prefix_of_k_is_refused():
     c = _mla()
     v = c.k[..., :512].clone()  # same values, other memory: the kernel reads V from K's tile
@@ -58,22 +71,26 @@ def test_v_not_a_prefix_of_k_is_refused():
         paged_decode(c.q, c.k, v, c.block_table, c.seq_lens, backend="gluon-mla")
 
 
-def _compile(direct: bool, causal: bool, window: bool, block_n: int, stages: int, dup: bool):
+def _compile(direct: bool, causal: bool, window: bool, block_n: int, stages: int, dup: bool,
+             kv8: bool = False):  # fmt: skip
     triton = pytest.importorskip("triton")
     pytest.importorskip("triton.experimental.gluon")
     from kvbridge.kernels.gluon_mla import mla_decode_hopper as k
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    ptrs = ["q_ptr", "k_ptr", "v_ptr", "bt_ptr", "seq_ptr", "o_ptr", "lse_ptr", "ks_ptr", "vs_ptr"]
+    ptrs = ["q_ptr", "k_ptr", "v_ptr", "bt_ptr", "seq_ptr", "o_ptr", "lse_ptr", "ks_ptr", "vs_ptr",
+            "out_ptr", "sem_ptr"]  # fmt: skip
     types = {n: "*bf16" for n in ptrs}
-    types.update(bt_ptr="*i32", seq_ptr="*i32", lse_ptr="*fp32", qk_scale="fp32",
+    if kv8:
+        types.update(k_ptr="*fp8e4nv", v_ptr="*fp8e4nv")
+    types.update(bt_ptr="*i32", seq_ptr="*i32", lse_ptr="*fp32", sem_ptr="*i32", qk_scale="fp32",
                  k_scale="fp32", v_scale="fp32", o_ptr="*bf16" if direct else "*fp32")  # fmt: skip
     consts = dict(PAGE=64, HEAD_TILES=2, DV_TILES=1, DA=512, DT=64, DV=512, BLOCK_DA=512,
                   BLOCK_DT=64, BLOCK_DV=512, BLOCK_H=64, BLOCK_N=block_n, V_SHARED=True,
                   DIRECT=direct, K_SCALE_PTR=False, V_SCALE_PTR=False, CAUSAL=causal,
-                  WINDOW=window, PRECISION="tf32", UPCAST=False, NUM_STAGES=stages,
-                  DUP_S=dup)  # fmt: skip
+                  WINDOW=window, PRECISION="tf32", UPCAST=False, FUSED=False,
+                  NUM_STAGES=stages, DUP_S=dup, KV8=kv8, PV_OVERLAP=False)  # fmt: skip
     sig = {n: "constexpr" if n in consts else types.get(n, "i64") for n in k.arg_names}
     aligned = [*ptrs, "stride_kb", "stride_kt", "stride_qb", "stride_qh", "stride_ob"]
     attrs = {(k.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
@@ -87,16 +104,18 @@ def _compile(direct: bool, causal: bool, window: bool, block_n: int, stages: int
 
 
 @pytest.mark.parametrize(
-    "direct,causal,window,block_n,stages,dup",
+    "direct,causal,window,block_n,stages,dup,kv8",
     [
-        (True, False, False, 64, 2, True),
-        (False, True, True, 64, 2, True),
-        (True, False, False, 64, 2, False),
-        (True, False, False, 32, 3, False),
+        (True, False, False, 64, 2, True, False),
+        (False, True, True, 64, 2, True, False),
+        (True, False, False, 64, 2, False, False),
+        (True, False, False, 32, 3, False, False),
+        (True, False, False, 32, 4, False, True),  # fp8 latent: the default fp8 config
+        (False, True, True, 32, 4, True, True),
     ],
 )
-def test_kernel_compiles_for_sm90(direct, causal, window, block_n, stages, dup):
-    c = _compile(direct, causal, window, block_n, stages, dup)
+def test_kernel_compiles_for_sm90(direct, causal, window, block_n, stages, dup, kv8):
+    c = _compile(direct, causal, window, block_n, stages, dup, kv8)
     ptx = c.asm["ptx"]
     # Q K^T: 576 / 16 k-steps, P V: block_n / 16 k-steps, each one wgmma per warpgroup
     assert len(re.findall(r"wgmma\.mma_async", ptx)) == 576 // 16 + block_n // 16
