@@ -39,9 +39,7 @@ class Rig:
         self.model = model
         self.cache = allocate_cache(model, layout, num_blocks, BS, seed=3)
         self.alloc = BlockAllocator(num_blocks)
-        self.engine = DecodeEngine(
-            model, self.cache, max_batch=4, stream_interval=interval
-        ).start()
+        self.engine = DecodeEngine(model, self.cache, max_batch=4, stream_interval=interval).start()
 
     def submit(self, rid, prompt, max_new, sampling=None, stop=()) -> tuple[Sequence, queue.Queue]:
         blocks = self.alloc.allocate(blocks_needed(len(prompt) + max_new, BS))
