@@ -348,7 +348,7 @@ class KVTransferAgent:
         if per_token is None:
             plan = TransferPlan.between(*args, **heads.kwargs())
             if mode == "auto" and plan.fragmented:
-                self._staging.learn(key, plan, TransferPlan.check(*args, **heads.kwargs()))
+                self._staging.learn(key, plan, lambda: TransferPlan.check(*args, **heads.kwargs()))
             nbytes = plan.total_bytes
         else:
             nbytes = per_token * TransferPlan.check(*args, **heads.kwargs())

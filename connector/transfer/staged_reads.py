@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 from kvbridge.connector.transfer.errors import TransferTimeoutError
@@ -47,10 +48,14 @@ class StagedReads:
         """Bytes per token of the pair's plans when they are known to be fragmented."""
         return self._per_token.get(key)
 
-    def learn(self, key: tuple, plan: TransferPlan, tokens: int) -> None:
-        """Remember a pair whose ``plan`` (of ``tokens`` tokens) is clearly fragmented."""
-        if clearly_fragmented(plan) and tokens and plan.total_bytes % tokens == 0:
-            self._per_token[key] = plan.total_bytes // tokens
+    def learn(self, key: tuple, plan: TransferPlan, tokens: Callable[[], int]) -> None:
+        """Remember a pair whose ``plan`` is clearly fragmented (``tokens()``: the tokens
+        it moves, asked only then)."""
+        if not clearly_fragmented(plan):
+            return
+        n = tokens()
+        if n and plan.total_bytes % n == 0:
+            self._per_token[key] = plan.total_bytes // n
 
     def post(
         self, p, topology, layers, r_ids, l_ids, num_tokens, heads, request_id, note, started

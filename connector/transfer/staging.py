@@ -164,22 +164,19 @@ def _run_indices(
     src_bs: int,
     dst_bs: int,
 ) -> list[tuple[np.ndarray, ...] | None]:
-    """Per staged run: the index arrays of its copies (``None``: nothing from it)."""
-    first = np.asarray(starts, dtype=np.int64)
+    """Per staged run: the index arrays of its copies (``None``: nothing from it):
+    (source block in the run, destination block) per block, or (source block in the
+    run, source slot, destination block, destination slot) per token."""
     if num_tokens is None:
-        run = np.searchsorted(first, where, side="right") - 1
-        return [
-            (where[sel] - a, dst_ids[sel]) if sel.size else None
-            for a, sel in ((a, np.flatnonzero(run == k)) for k, a in enumerate(starts))
-        ]
-    t = np.arange(num_tokens, dtype=np.int64)
-    s_pos, s_slot = where[t // src_bs], t % src_bs
-    d_blk, d_slot = dst_ids[t // dst_bs], t % dst_bs
-    run = np.searchsorted(first, s_pos, side="right") - 1
+        pos, cols = where, (dst_ids,)
+    else:
+        t = np.arange(num_tokens, dtype=np.int64)
+        pos, cols = where[t // src_bs], (t % src_bs, dst_ids[t // dst_bs], t % dst_bs)
+    run = np.searchsorted(np.asarray(starts, dtype=np.int64), pos, side="right") - 1
     out: list[tuple[np.ndarray, ...] | None] = []
     for k, a in enumerate(starts):
         sel = np.flatnonzero(run == k)
-        out.append((s_pos[sel] - a, s_slot[sel], d_blk[sel], d_slot[sel]) if sel.size else None)
+        out.append((pos[sel] - a, *(c[sel] for c in cols)) if sel.size else None)
     return out
 
 
