@@ -290,6 +290,12 @@ def main() -> int:
     ap.add_argument("--stream-interval", type=int, default=1, help="the decode daemon's "
                     "--stream-interval (tokens per stream message)")  # fmt: skip
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--log-dir", default=None, help="the daemons' logs (default: a temp dir)")
+    ap.add_argument(
+        "--log-level",
+        default="warning",
+        help="the daemons' log level ('info' logs each pull's post, wait and finish seconds)",
+    )
     ap.add_argument("--step-scaling", action="store_true", help="only the in-process "
                     "DecodeStep timing (GPU model, eager vs CUDA graphs), then exit")  # fmt: skip
     ap.add_argument("--graph-check", action="store_true", help="first: the engine with and "
@@ -315,8 +321,8 @@ def main() -> int:
     common = ["--backend", args.backend, "--block-size", str(BLOCK_SIZE), "--num-blocks",
               str(need), "--device", device, "--dtype", dtype, "--grpc-port", "0",
               "--metrics-port", "0", "--insecure", "--max-batch", str(max(levels)),
-              "--log-level", "warning", *model_args(mcfg)]  # fmt: skip
-    log_dir = Path(tempfile.mkdtemp(prefix="kvbridge-serve-"))
+              "--log-level", args.log_level, *model_args(mcfg)]  # fmt: skip
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="kvbridge-serve-"))
     prefill = DaemonProcess("prefill", [*common, "--side-port", str(free_port()),
                             "--kv-layout", "packed"], log_dir, name="prefill")  # fmt: skip
     extra = ["--no-cuda-graphs"] if args.no_cuda_graphs else []

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from kvbridge.connector.transfer import relayout_kernel as rk
 from kvbridge.connector.transfer.tp_mapping import HeadMap
 from kvbridge.connector.transfer.transport import MemRegion, Transport
 from kvbridge.topology import TopologySpec, TransferTopology
@@ -68,8 +69,8 @@ def byte_view(v: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _staged_runs(stage: StagePlan, view, staging: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """Per run of source blocks: ``(first index into stage.src_ids, byte view in staging)``."""
+def _stage_positions(stage: StagePlan, view) -> np.ndarray:
+    """Byte offset in staging of each staged source block (``stage.src_ids``) of ``view``."""
     bs = view.block_stride
     inner = sum((n - 1) * s for n, s in zip(view.shape[1:], view.strides[1:], strict=True))
     ext = (inner + 1) * view.itemsize
@@ -79,7 +80,13 @@ def _staged_runs(stage: StagePlan, view, staging: torch.Tensor) -> list[tuple[in
     idx = np.searchsorted(r_off, start, side="right") - 1
     if (idx < 0).any() or (start + ext > r_off[idx] + r_len[idx]).any():
         raise StagingUnsupported("a block of a view spans several staged ranges")
-    pos = r_stage[idx] + (start - r_off[idx])
+    return r_stage[idx] + (start - r_off[idx])
+
+
+def _staged_runs(stage: StagePlan, view, staging: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """Per run of source blocks: ``(first index into stage.src_ids, byte view in staging)``."""
+    bs = view.block_stride
+    pos = _stage_positions(stage, view)
     breaks = np.flatnonzero(np.diff(pos) != bs) + 1
     bounds = [0, *breaks.tolist(), pos.size]
     shape_tail = (*view.shape[1:], view.itemsize)
@@ -105,14 +112,20 @@ def relayout(
 ) -> torch.cuda.Event | None:
     """Copy the staged source blocks into the local views (block dim first).
 
-    The copies are queued on the current stream without a host sync: every index
-    array of the request goes to the device in one non-blocking upload, shared by
-    all layers and views. On CUDA the returned event completes once the copies have
-    read the staging buffer (it must not be reused before); ``None`` on the CPU.
+    The copies are queued on the current stream without a host sync: on CUDA one
+    kernel for all layers and views (``relayout_kernel.py``), elsewhere torch copies
+    whose index arrays go to the device in one upload. On CUDA the returned event
+    completes once the copies have read the staging buffer (it must not be reused
+    before); ``None`` on the CPU.
     """
     src_ids = np.asarray(src_ids, dtype=np.int64)
     dst_ids = np.asarray(dst_ids, dtype=np.int64)
     where = np.searchsorted(stage.src_ids, src_ids)  # index of each source id in staging
+    device = staging.device
+    if use_kernel(device):
+        rk.launch(_row_tasks(stage, staging, src, dst_layers, where, dst_ids, num_tokens,
+                             heads), device)  # fmt: skip
+        return _done(device)
     tasks = []
     index: dict[tuple, list[tuple[np.ndarray, ...] | None]] = {}  # run starts -> per run
     for layer, (name, dviews) in zip(src.layers, dst_layers, strict=True):
@@ -122,16 +135,11 @@ def relayout(
             runs = _staged_runs(stage, vspec, staging)
             hs = hd = slice(None)
             if len(vspec.shape) == 4:
-                n = heads.num or min(
-                    vspec.shape[2] - heads.src_start, dv.shape[2] - heads.dst_start
-                )
-                hs = slice(heads.src_start, heads.src_start + n)
-                hd = slice(heads.dst_start, heads.dst_start + n)
+                hs, hd = _head_slices(heads, vspec, dv)
             key = (tuple(a for a, _ in runs), vspec.shape[1], dv.shape[1])
             if key not in index:
                 index[key] = _run_indices(key[0], where, dst_ids, num_tokens, *key[1:])
             tasks.append((key, runs, byte_view(dv), hs, hd, len(vspec.shape) == 4))
-    device = staging.device
     uploaded = _upload(index, device)
     for key, runs, dbv, hs, hd, has_heads in tasks:
         for (_, view), idx in zip(runs, uploaded[key], strict=True):
@@ -149,11 +157,66 @@ def relayout(
                     dbv[idx[2], idx[3], hd] = src_v[:, hs]
                 else:
                     dbv[idx[2], idx[3]] = src_v
+    return _done(device)
+
+
+def use_kernel(device: torch.device) -> bool:
+    """Whether relayouts on ``device`` run as one Triton launch (CUDA)."""
+    return device.type == "cuda"
+
+
+def _done(device: torch.device) -> torch.cuda.Event | None:
     if device.type != "cuda":
         return None
     done = torch.cuda.Event()
     done.record(torch.cuda.current_stream(device))
     return done
+
+
+def _head_slices(heads: HeadMap, vspec, dv: torch.Tensor) -> tuple[slice, slice]:
+    """The source and destination heads a 4-D view pair moves."""
+    n = heads.num or min(vspec.shape[2] - heads.src_start, dv.shape[2] - heads.dst_start)
+    return (
+        slice(heads.src_start, heads.src_start + n),
+        slice(heads.dst_start, heads.dst_start + n),
+    )
+
+
+def _row_tasks(stage, staging, src, dst_layers, where, dst_ids, num_tokens, heads):
+    """The kernel's work: per (layer, view), the byte address of every token's first
+    row in staging and in the destination view (tokens: whole blocks' slots, or the
+    first ``num_tokens`` tokens of the two block sizes), heads and row bytes."""
+    tasks = []
+    for layer, (name, dviews) in zip(src.layers, dst_layers, strict=True):
+        if layer.name != name:
+            raise StagingUnsupported(f"layer order differs ({layer.name!r} vs {name!r})")
+        for vspec, dv in zip(layer.views, dviews, strict=True):
+            sbs, dbs = vspec.shape[1], dv.shape[1]
+            if num_tokens is None:  # whole blocks, one block size: every slot of each pair
+                slots = np.arange(sbs, dtype=np.int64)
+                s_idx, s_slot = np.repeat(where, sbs), np.tile(slots, where.size)
+                d_blk, d_slot = np.repeat(dst_ids, sbs), np.tile(slots, dst_ids.size)
+            else:
+                t = np.arange(num_tokens, dtype=np.int64)
+                s_idx, s_slot, d_blk, d_slot = where[t // sbs], t % sbs, dst_ids[t // dbs], t % dbs
+            isz, dsz = vspec.itemsize, dv.element_size()
+            if vspec.shape[-1] * isz != dv.shape[-1] * dsz:
+                raise StagingUnsupported(f"rows of {name} differ in bytes")
+            ds = [x * dsz for x in dv.stride()]
+            hs = hd = slice(0, 1)
+            s_head = d_head = 0
+            if len(vspec.shape) == 4:
+                hs, hd = _head_slices(heads, vspec, dv)
+                s_head, d_head = vspec.strides[2] * isz, ds[2]
+            pos = _stage_positions(stage, vspec)
+            tasks.append(rk.RowTask(
+                src=staging.data_ptr() + pos[s_idx] + s_slot * (vspec.strides[1] * isz)
+                + hs.start * s_head,
+                dst=dv.data_ptr() + d_blk * ds[0] + d_slot * ds[1] + hd.start * d_head,
+                heads=hs.stop - hs.start, src_head=s_head, dst_head=d_head,
+                row=vspec.shape[-1] * isz,
+            ))  # fmt: skip
+    return tasks
 
 
 def _run_indices(

@@ -1,4 +1,4 @@
-"""Runs interpret_*cases.py (the Triton kernel on the CPU) in their own pytest process.
+"""Runs interpret_*cases.py (the Triton kernels on the CPU) in their own pytest process.
 
 TRITON_INTERPRET must be set before triton is imported, so the interpreter cases
 get a fresh process with it set; the rest of the suite is not affected.
@@ -12,7 +12,12 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-CASES = [HERE / "interpret_cases.py", HERE / "interpret_multi_cases.py"]
+CASES = [
+    HERE / "interpret_cases.py",
+    HERE / "interpret_multi_cases.py",
+    HERE.parent / "model" / "interpret_fused_cases.py",  # the model's fused GPU path
+    HERE.parent / "connector" / "interpret_relayout_cases.py",  # one-launch relayout
+]
 
 
 def test_triton_kernel_under_the_interpreter():

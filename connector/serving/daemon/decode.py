@@ -392,6 +392,9 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 "descriptors": result.descriptors,
                 "seconds": round(result.seconds, 6),
                 "direction": result.direction,
+                "post_s": round(result.phases[0], 6),
+                "wait_s": round(result.phases[1], 6),
+                "finish_s": round(result.phases[2], 6),
             },
         )
         return pb.TransferInfo(

@@ -100,6 +100,9 @@ class PullResult:
     staged: bool = False
     direction: str = "pull"  # or "push": the holder wrote the blocks
     engine: str = ""  # the transport that carried them
+    # seconds spent posting (plan, staging buffer), waiting for the engine, finishing
+    # (relayout queued, buffer back): where a slow pull's time went
+    phases: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 @dataclass(eq=False)
@@ -293,6 +296,7 @@ class Puller:
         deadline = time.monotonic() + timeout
         agent = self.agent
         peer, handshake = self.connect(engine, side_address, timeout, instance)
+        t_post = time.monotonic()
         try:
             pending = post(peer)
         except IncompatiblePeerError as exc:  # refused: nothing was posted
@@ -309,12 +313,14 @@ class Puller:
         try:
             cancel = self._wait(pending, deadline, aborted)
             if not cancel:
+                t_done = time.monotonic()
                 r = agent.finish(pending, timeout=1.0)  # done: relayout, staging buffer back
                 self._end(engine)
                 return PullResult(
                     r.bytes, r.descriptors, r.seconds, handshake, r.staged,
                     "pull" if what == "read" else "push",
                     agent.transport.engine_of(engine).backend,
+                    (t0 - t_post, t_done - t0, time.monotonic() - t_done),
                 )  # fmt: skip
         except TransferError as exc:  # the engine failed it (its handle is released)
             self._settle(pending)

@@ -58,7 +58,7 @@ def fetch(endpoint, handle, local_block_ids: list[int], stub, timeout: float,
     else:
         r = ask_push(endpoint, handle, local_block_ids, stub, timeout, aborted)
     return PullResult(r.bytes, r.descriptors, r.seconds, r.handshake_seconds + handshake,
-                      r.staged, r.direction, r.engine)  # fmt: skip
+                      r.staged, r.direction, r.engine, r.phases)  # fmt: skip
 
 
 def ask_push(endpoint, handle, local_block_ids: list[int], stub, timeout: float,

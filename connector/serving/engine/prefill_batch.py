@@ -6,7 +6,8 @@ remaining prompts first, at most ``max_prompts`` of them) of every waiting promp
 packs the chunks into one (T, hidden) batch for the model's projections and MLP
 (``model._qkv`` / ``model._mlp_residual``: weights read once for all prompts), writes
 each token's K/V into its prompt's blocks, and attends per prompt over the K/V
-already in the cache (earlier chunks) plus the chunk itself, causally. A short prompt
+already in the cache (earlier chunks) plus the chunk itself, causally (on CUDA, a
+prompt's first chunk attends with one fused SDPA kernel over its own K/V). A short prompt
 that arrives while a long one is being prefilled runs in the very next forward.
 """
 
@@ -21,7 +22,10 @@ from dataclasses import dataclass, field
 import torch
 from kvbridge.connector.serving.model.llama import LlamaModel, layer_name
 from kvbridge.topology.layouts import KVCache
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+# no cuDNN: it builds an execution plan for every new prompt length (prompts vary)
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 CHUNK_TOKENS = 512  # tokens of all prompts together in one forward (CPU)
 CHUNK_TOKENS_CUDA = 4096  # on a GPU a forward of a few thousand tokens costs about one of 512
 
@@ -151,15 +155,18 @@ class PrefillBatcher:
             for job, n in plan
         ]
         group = cfg.num_heads // cfg.num_kv_heads
+        flash = dev.type == "cuda" and window is None
         x = model.w.embed[tokens]
         for i in range(cfg.num_layers):
-            q, k, v = model._qkv(x, i, positions)
             k_cache, v_cache = cache.kv(layer_name(i))
-            k_cache[blk_t, slot] = k
-            v_cache[blk_t, slot] = v
+            q, k, v = model.qkv_store(x, i, positions, (k_cache, v_cache), blk_t, slot, flash)
             outs, start = [], 0
             for (job, n), table in zip(plan, tables, strict=True):
                 end = job.done + n  # keys [0, end) of this prompt
+                if flash and job.done == 0:  # a whole prompt: its own K/V, causal
+                    outs.append(_causal_sdpa(q, k, v, start, n, model.scale))
+                    start += n
+                    continue
                 kh = k_cache[table].flatten(0, 1)[:end].repeat_interleave(group, dim=1)
                 vh = v_cache[table].flatten(0, 1)[:end].repeat_interleave(group, dim=1)
                 qh = q[start : start + n].transpose(0, 1)  # (Hq, n, D)
@@ -182,6 +189,20 @@ class PrefillBatcher:
             logits[j] if job.done + n == len(job.tokens) else None
             for j, (job, n) in enumerate(plan)
         ]
+
+
+def _causal_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, n: int, scale: float
+) -> torch.Tensor:
+    """Causal attention of rows ``[start, start + n)`` (one prompt from its first token)
+    over their own K/V: one fused SDPA kernel instead of the explicit score matrix."""
+    rows = slice(start, start + n)
+    qh, kh, vh = (t[rows].transpose(0, 1)[None] for t in (q, k, v))  # (1, H, n, D)
+    with sdpa_kernel(SDPA_BACKENDS):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True
+        )
+    return out[0].transpose(0, 1)
 
 
 _LOCK = threading.Lock()

@@ -51,6 +51,17 @@ class BatchState:
         self.top_p = z(max_batch, dtype=torch.float32)
         self.top_k = z(max_batch)
         self.seeds = z(max_batch)
+        # CUDA: a joining row's table goes up from pinned host memory without a sync
+        # (a pageable copy would wait for everything queued on the stream, relayouts
+        # of other requests' pulls included); each host row is rewritten only once
+        # the copy out of it completed
+        cuda = device.type == "cuda"
+        self._host_tables = (
+            torch.empty((max_batch, max_pages), dtype=torch.int32, pin_memory=True)
+            if cuda
+            else None
+        )
+        self._row_copied: list[torch.cuda.Event | None] = [None] * max_batch
 
     def set_row(
         self, row: int, token: int, position: int, blocks: list[int], sampling: tuple
@@ -60,8 +71,19 @@ class BatchState:
         self.tokens[row] = token
         self.positions[row] = position
         table = self.tables[row]
-        table.fill_(self.pad_block)
-        table[: len(blocks)] = torch.tensor(blocks, dtype=torch.int32).to(self.device)
+        if self._host_tables is None:
+            table.fill_(self.pad_block)
+            table[: len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        else:
+            done = self._row_copied[row]
+            if done is not None:
+                done.synchronize()  # the previous copy out of this host row
+            host = self._host_tables[row]
+            host.fill_(self.pad_block)
+            host[: len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            table.copy_(host, non_blocking=True)
+            done = self._row_copied[row] = done or torch.cuda.Event()
+            done.record()
         self.temperature[row] = temperature
         self.top_p[row] = top_p
         self.top_k[row] = top_k
@@ -143,10 +165,8 @@ def forward(
     )
     x = model.w.embed[tokens]
     for i in range(cfg.num_layers):
-        q, k, v = model._qkv(x, i, positions)
         k_cache, v_cache = cache.kv(layer_name(i))
-        k_cache[blk, slot] = k  # index_put_ through the strided views: in place
-        v_cache[blk, slot] = v
+        q = model.qkv_store(x, i, positions, (k_cache, v_cache), blk, slot)[0]  # K/V in place
         if gather:
             attn = gathered_attention(
                 q, k_cache, v_cache, table, seq_lens, model.scale, max_len, window

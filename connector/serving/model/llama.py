@@ -9,7 +9,9 @@ of layer ``i`` live in ``cache.kv(f"layer{i}")``: two logical
 ``kvbridge.kernels.paged_decode`` over the views as they are.
 
 Numerics follow transformers: RMSNorm and softmax accumulate in float32 and cast
-back; rope tables are computed in float32 and cast to the model dtype.
+back; rope tables are computed in float32 and cast to the model dtype. On CUDA the
+same maths runs fused (``fused.py``: one q/k/v GEMM, one gate/up GEMM, Triton
+RMSNorm, rope + K/V store and SiLU kernels); ``fused=False`` keeps the torch ops.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from kvbridge.connector.serving.model import fused as fz
 from kvbridge.connector.serving.model.config import ModelConfig
 from kvbridge.connector.serving.model.identity import model_identity
 from kvbridge.connector.serving.model.rope import ROPE_TYPES, apply_rope, rope_tables
@@ -45,6 +48,8 @@ class LlamaModel:
     """Greedy-decoding model of any family; stateless apart from the caller's paged cache.
 
     ``identity`` (``NAME@DIGEST``) names the config and weights; daemons compare it.
+    ``fused``: the fused GPU path (``fused.py``); ``None``: on CUDA devices. Families
+    with q/k norms keep the torch ops for q/k/v; the norms and the MLP are fused for all.
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class LlamaModel:
         weights: ModelWeights,
         attention_backend: str = "auto",
         name: str | None = None,
+        fused: bool | None = None,
     ) -> None:
         self.cfg = cfg
         self.w = weights
@@ -64,6 +70,9 @@ class LlamaModel:
         self._rope = (inv_freq.to(self.device), rope_scaling)  # computed once, on the device
         self._rope_last: tuple = (None, None, None)
         self.identity = model_identity(name or f"embedded-{cfg.family}", cfg, weights)
+        self.fused = self.device.type == "cuda" if fused is None else fused
+        self._fused_w = fz.fuse_weights(weights.layers) if self.fused else []
+        self._fused_qkv = self.fused and not cfg.qk_norm
 
     @classmethod
     def random(
@@ -110,12 +119,45 @@ class LlamaModel:
             self._rope_last = (positions, cos, sin)
         return cos, sin
 
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return fz.rms_norm(x, weight, self.cfg.rms_norm_eps)[0]
+        return rms_norm(x, weight, self.cfg.rms_norm_eps)
+
+    def qkv_store(
+        self,
+        x: torch.Tensor,
+        i: int,
+        positions: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        blk: torch.Tensor,
+        slot: torch.Tensor,
+        want_kv: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Layer ``i``'s q ``(T, Hq, D)``; its k (rope applied) and v are written into the
+        cache views ``kv`` at ``(blk[t], slot[t])`` and returned too when ``want_kv``."""
+        if not self._fused_qkv:
+            q, k, v = self._qkv(x, i, positions)
+            kv[0][blk, slot] = k  # index_put_ through the strided views: in place
+            kv[1][blk, slot] = v
+            return q, k, v
+        cfg = self.cfg
+        wqkv, bqkv, _, _ = self._fused_w[i]
+        qkv = _linear(self._norm(x, self.w.layers[i].input_norm), wqkv, bqkv)
+        heads = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        cos, sin = self._rope_tables(positions)  # once per forward (cached by tensor)
+        q, k = fz.rope_store(qkv, cos, sin, heads, *kv, blk, slot, want_k=want_kv)
+        if not want_kv:
+            return q, None, None
+        start = (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim
+        return q, k, qkv[:, start:].view(-1, cfg.num_kv_heads, cfg.head_dim)
+
     def _qkv(
         self, x: torch.Tensor, i: int, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q ``(T, Hq, D)``, k and v ``(T, Hkv, D)`` of layer ``i`` (rope applied)."""
         cfg, lw = self.cfg, self.w.layers[i]
-        h = rms_norm(x, lw.input_norm, cfg.rms_norm_eps)
+        h = self._norm(x, lw.input_norm)
         t = x.shape[0]
         q = _linear(h, lw.wq, lw.bq).view(t, cfg.num_heads, cfg.head_dim)
         k = _linear(h, lw.wk, lw.bk).view(t, cfg.num_kv_heads, cfg.head_dim)
@@ -128,7 +170,13 @@ class LlamaModel:
 
     def _mlp_residual(self, x: torch.Tensor, attn: torch.Tensor, i: int) -> torch.Tensor:
         cfg, lw = self.cfg, self.w.layers[i]
-        x = x + _linear(attn.reshape(x.shape[0], -1), lw.wo, lw.bo)
+        o = _linear(attn.reshape(x.shape[0], -1), lw.wo, lw.bo)
+        if self.fused:
+            _, _, wgu, bgu = self._fused_w[i]
+            h, x = fz.rms_norm(o, lw.post_norm, cfg.rms_norm_eps, residual=x)
+            act = fz.silu_mul(_linear(h, wgu, bgu))
+            return x + _linear(act, lw.w_down, lw.b_down)
+        x = x + o
         h = rms_norm(x, lw.post_norm, cfg.rms_norm_eps)
         act = torch.nn.functional.silu(_linear(h, lw.w_gate, lw.b_gate)) * _linear(
             h, lw.w_up, lw.b_up
@@ -136,7 +184,7 @@ class LlamaModel:
         return x + _linear(act, lw.w_down, lw.b_down)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.w.norm, self.cfg.rms_norm_eps) @ self.w.lm_head.T
+        return self._norm(x, self.w.norm) @ self.w.lm_head.T
 
     # ----------------------------------------------------------------- prefill
     @torch.inference_mode()
@@ -166,10 +214,7 @@ class LlamaModel:
             visible = visible.triu(1 - cfg.sliding_window)
         x = self.w.embed[tokens]
         for i in range(cfg.num_layers):
-            q, k, v = self._qkv(x, i, positions)
-            k_cache, v_cache = cache.kv(layer_name(i))
-            k_cache[blk, slot] = k  # index_put_ through the strided view: in place
-            v_cache[blk, slot] = v
+            q, k, v = self.qkv_store(x, i, positions, cache.kv(layer_name(i)), blk, slot, True)
             kh = k.repeat_interleave(group, dim=1).transpose(0, 1)  # (Hq, T, D)
             vh = v.repeat_interleave(group, dim=1).transpose(0, 1)
             scores = (q.transpose(0, 1) @ kh.transpose(1, 2)) * self.scale
@@ -215,10 +260,8 @@ class LlamaModel:
         seq_lens = (pos + 1).to(torch.int32)
         x = self.w.embed[tokens]
         for i in range(cfg.num_layers):
-            q, k, v = self._qkv(x, i, pos)
             k_cache, v_cache = cache.kv(layer_name(i))
-            k_cache[blk, slot] = k
-            v_cache[blk, slot] = v
+            q = self.qkv_store(x, i, pos, (k_cache, v_cache), blk, slot)[0]
             attn = paged_decode(
                 q,
                 k_cache,
