@@ -190,6 +190,11 @@ class DecodeStep:
         self.max_batch = state.tokens.shape[0]
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.cuda_graphs = cuda_graphs and state.device.type == "cuda"
+        cuda = state.device.type == "cuda"
+        self._host_next = (
+            torch.empty(self.max_batch, dtype=torch.int64, pin_memory=True) if cuda else None
+        )
+        self._next_ready = torch.cuda.Event() if cuda else None
 
     def _run(self, n: int, max_len: int | None = None) -> torch.Tensor:
         s = self.state
@@ -240,4 +245,12 @@ class DecodeStep:
         else:
             nxt = logits.argmax(-1)
         s.advance(n, nxt)
-        return nxt.tolist()  # the one read-back of the step
+        if self._host_next is None:
+            return nxt.tolist()  # the one read-back of the step
+        # CUDA: into pinned memory, then wait on an event (the GIL is released while the
+        # GPU finishes the step, so streams and pulls run meanwhile)
+        host = self._host_next[:n]
+        host.copy_(nxt, non_blocking=True)
+        self._next_ready.record()
+        self._next_ready.synchronize()
+        return host.tolist()
