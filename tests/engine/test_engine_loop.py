@@ -30,16 +30,29 @@ def model() -> LlamaModel:
     return LlamaModel.random(CFG)
 
 
+@pytest.fixture(params=[False, True], ids=["in-step", "overlap"])
+def overlap(request) -> bool:
+    """Each step read back before the next (CPU default), or queued one ahead (CUDA)."""
+    return request.param
+
+
 class Rig:
     """A cache in a layout other than the reference's, an allocator and a running engine."""
 
     def __init__(
-        self, model: LlamaModel, layout: str = "packed", num_blocks: int = 128, interval: int = 1
+        self,
+        model: LlamaModel,
+        layout: str = "packed",
+        num_blocks: int = 128,
+        interval: int = 1,
+        overlap: bool = False,
     ) -> None:
         self.model = model
         self.cache = allocate_cache(model, layout, num_blocks, BS, seed=3)
         self.alloc = BlockAllocator(num_blocks)
-        self.engine = DecodeEngine(model, self.cache, max_batch=4, stream_interval=interval).start()
+        self.engine = DecodeEngine(
+            model, self.cache, max_batch=4, stream_interval=interval, overlap=overlap
+        ).start()
 
     def submit(self, rid, prompt, max_new, sampling=None, stop=()) -> tuple[Sequence, queue.Queue]:
         blocks = self.alloc.allocate(blocks_needed(len(prompt) + max_new, BS))
@@ -67,8 +80,8 @@ def _prompt(n: int, seed: int) -> list[int]:
     return torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist()
 
 
-def test_joining_and_leaving_mid_run_gives_the_monolithic_tokens(model):
-    rig = Rig(model)
+def test_joining_and_leaving_mid_run_gives_the_monolithic_tokens(model, overlap):
+    rig = Rig(model, overlap=overlap)
     # more requests than max_batch, different prompt lengths and lengths to generate
     spec = [(3, 20), (17, 5), (1, 12), (30, 9), (8, 2), (12, 16)]
     prompts = [_prompt(n, 100 + i) for i, (n, _) in enumerate(spec)]
@@ -85,8 +98,8 @@ def test_joining_and_leaving_mid_run_gives_the_monolithic_tokens(model):
     rig.engine.stop()
 
 
-def test_stream_interval_sends_fewer_larger_messages_with_the_same_tokens(model):
-    rig = Rig(model, interval=3)
+def test_stream_interval_sends_fewer_larger_messages_with_the_same_tokens(model, overlap):
+    rig = Rig(model, interval=3, overlap=overlap)
     p1, p2 = _prompt(6, 21), _prompt(11, 22)
     want1 = generate_monolithic(model, p1, 11, layout="nhd", block_size=BS)
     stop = want1[7]  # a stop token ends the stream mid-interval: nothing is held back
@@ -105,8 +118,8 @@ def test_stream_interval_sends_fewer_larger_messages_with_the_same_tokens(model)
         DecodeEngine(model, rig.cache, stream_interval=0)
 
 
-def test_stop_token_ends_one_sequence_only(model):
-    rig = Rig(model)
+def test_stop_token_ends_one_sequence_only(model, overlap):
+    rig = Rig(model, overlap=overlap)
     p1, p2 = _prompt(5, 1), _prompt(9, 2)
     want1 = generate_monolithic(model, p1, 12, layout="nhd", block_size=BS)
     want2 = generate_monolithic(model, p2, 12, layout="nhd", block_size=BS)
@@ -119,8 +132,8 @@ def test_stop_token_ends_one_sequence_only(model):
     rig.engine.stop()
 
 
-def test_cancel_leaves_at_a_step_boundary_while_others_continue(model):
-    rig = Rig(model)
+def test_cancel_leaves_at_a_step_boundary_while_others_continue(model, overlap):
+    rig = Rig(model, overlap=overlap)
     p_long, p_other = _prompt(6, 5), _prompt(4, 6)
     s_long, o_long = rig.submit("long", p_long, 300)
     s_other, o_other = rig.submit("other", p_other, 30)
@@ -138,8 +151,8 @@ def test_cancel_leaves_at_a_step_boundary_while_others_continue(model):
     rig.engine.stop()
 
 
-def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(model):
-    rig = Rig(model)
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(model, overlap):
+    rig = Rig(model, overlap=overlap)
     p = _prompt(7, 9)
     sp = SamplingParams(temperature=1.5, top_p=0.9, top_k=50, seed=1234)
     alone = collect(*rig.submit("alone", p, 24, sp))[0]

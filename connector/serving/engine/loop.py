@@ -4,8 +4,15 @@ Servicer threads ``submit`` a ``Sequence`` once its KV is in the cache and read 
 the engine ``emit``s (tokens, a finish reason, an error) from their own queue. Each
 iteration the loop applies cancels and joins at the step boundary, runs ONE batched
 decode step over every active sequence (``DecodeStep``), and hands each sequence its
-token; a finished, cancelled or failed sequence leaves (``Sequence.left`` is set:
-only then may its blocks be freed) while the others go on.
+token; a finished, cancelled or failed sequence leaves while the others go on.
+
+On CUDA (``overlap``) step k+1 is queued before step k's tokens are read, so the
+host's work (streaming, joins, leaves) runs while the GPU computes: the tokens of a
+step feed the next one on the device. A sequence that finished in step k then runs
+once more in step k+1, whose token for it is dropped; that step writes one more
+position of its own blocks (within them: a sequence never feeds its last slot), so
+``Sequence.left`` (its blocks may be freed) is set only once every step queued
+before it left has completed.
 """
 
 from __future__ import annotations
@@ -15,8 +22,9 @@ import threading
 import time
 from collections.abc import Callable
 
+import torch
 from kvbridge.connector.serving.engine.scheduler import RunningSet, Sequence
-from kvbridge.connector.serving.engine.step import BatchState, DecodeStep
+from kvbridge.connector.serving.engine.step import BatchState, DecodeStep, Launched
 from kvbridge.connector.serving.model.llama import LlamaModel
 from kvbridge.topology.layouts import KVCache
 
@@ -43,11 +51,14 @@ class DecodeEngine:
         pad_block: int = 0,
         on_step: Callable[[int, float], None] | None = None,
         stream_interval: int = 1,
+        overlap: bool | None = None,
     ) -> None:
         """``pad_block``: a block no sequence owns (padding rows of CUDA graphs write it);
         ``on_step(batch, seconds)`` is called after every step (metrics);
         ``stream_interval``: a sequence's tokens are emitted every that many steps
-        (and when it finishes), so its stream sends fewer, larger messages."""
+        (and when it finishes), so its stream sends fewer, larger messages;
+        ``overlap``: queue each step before reading the previous one's tokens
+        (``None``: on CUDA)."""
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be positive, got {stream_interval}")
         self.stream_interval = stream_interval
@@ -57,7 +68,11 @@ class DecodeEngine:
         self.step = DecodeStep(model, cache, self.state, cuda_graphs)
         self.on_step = on_step
         self.steps = 0
+        self.overlap = model.device.type == "cuda" if overlap is None else overlap
         self._thread: threading.Thread | None = None
+        self._left: list[tuple[int, Sequence]] = []  # (steps queued when it left, seq)
+        self._queued = self._completed = 0  # steps queued / steps whose tokens were read
+        self._last_done = 0.0
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> DecodeEngine:
@@ -101,13 +116,25 @@ class DecodeEngine:
 
     # --------------------------------------------------------- engine thread
     def _leave(self, seq: Sequence) -> None:
-        """Take ``seq`` out of the batch; the last row fills its row."""
+        """Take ``seq`` out of the batch; the last row fills its row. ``seq.left`` waits
+        for the steps already queued (``_release``)."""
         n_before, row = len(self.running.active), seq.slot
-        moved_from = self.running.remove(seq)
+        moved_from = self.running.remove(seq, notify=False)
+        self._left.append((self._queued, seq))
         if moved_from is not None:
             self.state.move_row(moved_from, row)
         if n_before and self.step.cuda_graphs:
             self.state.clear_row(n_before - 1)  # padding again: writes only the scratch block
+
+    def _release(self, everything: bool = False) -> None:
+        """Set ``left`` of the sequences no queued step can write any more."""
+        keep = []
+        for queued, seq in self._left:
+            if everything or queued <= self._completed:
+                seq.left.set()
+            else:
+                keep.append((queued, seq))
+        self._left = keep
 
     def _apply_changes(self) -> None:
         cancels, joins = self.running.take_changes()
@@ -139,44 +166,86 @@ class DecodeEngine:
             seq.emit([], "failed", error)
 
     def _loop(self) -> None:
+        pending: Launched | None = None  # queued, its tokens not read yet
         try:
-            while self.running.wait_for_work(timeout=0.5):
+            while self.running.wait_for_work(timeout=0.5 if pending is None else 0.0):
                 self._apply_changes()
+                self._release()
                 active = self.running.active
-                if not active:
-                    continue
-                n = len(active)
-                t0 = time.perf_counter()
-                try:
-                    tokens = self.step(
-                        n,
-                        any(not s.sampling.greedy for s in active),
-                        max(s.position for s in active) + 1,
-                    )
-                except Exception as exc:  # a broken step fails this batch, not the daemon
-                    log.exception("decode step failed", extra={"batch": n})
-                    self._fail_all(f"decode step failed: {type(exc).__name__}: {exc}")
-                    continue
-                self.steps += 1
-                if self.on_step is not None:
-                    self.on_step(n, time.perf_counter() - t0)
-                done = []
-                for seq, tok in zip(list(active), tokens, strict=True):
-                    seq.generated += 1
-                    if tok in seq.stop:
-                        seq.finish = "stop"
-                    elif seq.generated >= seq.max_new:
-                        seq.finish = "length"
-                    if seq.finish:
-                        done.append(seq)
-                    seq.unsent.append(tok)
-                    if seq.finish or len(seq.unsent) >= self.stream_interval:
-                        toks, seq.unsent = seq.unsent, []
-                        seq.emit(toks, seq.finish, None)
-                for seq in done:
-                    self._leave(seq)
+                launched = None
+                if active:
+                    try:
+                        launched = self._launch(active)
+                    except Exception as exc:  # a broken step fails this batch, not the daemon
+                        log.exception("decode step failed", extra={"batch": len(active)})
+                        self._fail_all(f"decode step failed: {type(exc).__name__}: {exc}")
+                        pending = None
+                        self._drain()
+                        continue
+                if pending is not None:
+                    self._finish(pending)
+                    pending = None
+                if launched is not None:
+                    if self.overlap:
+                        pending = launched
+                    else:
+                        self._finish(launched)
                 time.sleep(0)  # let the servicer threads in (GIL) at every step boundary
         finally:
             for seq in list(self.running.active):
                 self._leave(seq)
                 seq.emit([], "failed", "the decode engine stopped")
+            self._drain()
+
+    def _launch(self, active: list[Sequence]) -> Launched:
+        n = len(active)
+        t0 = time.perf_counter()
+        launched = self.step.launch(
+            n,
+            any(not s.sampling.greedy for s in active),
+            # the longest row after this step (CPU path); with a step still unread the
+            # host's positions lag one behind
+            max(s.position for s in active) + 1 + (1 if self.overlap else 0),
+        )
+        self._queued = launched.index
+        launched.rows, launched.started = list(active), t0
+        return launched
+
+    def _finish(self, launched: Launched) -> None:
+        """Read a step's tokens, hand them out, let finished sequences leave."""
+        tokens = launched.result()
+        now = time.perf_counter()
+        self._completed = launched.index
+        self._release()
+        self.steps += 1
+        if self.on_step is not None:  # the step's own time, not the wait before it ran
+            self.on_step(len(tokens), now - max(launched.started, self._last_done))
+        self._last_done = now
+        done = []
+        for seq, tok in zip(launched.rows, tokens, strict=True):
+            if seq.finish or seq.slot < 0:
+                continue  # left after this step was queued: its token is dropped
+            seq.generated += 1
+            if tok in seq.stop:
+                seq.finish = "stop"
+            elif seq.generated >= seq.max_new:
+                seq.finish = "length"
+            if seq.finish:
+                done.append(seq)
+            seq.unsent.append(tok)
+            if seq.finish or len(seq.unsent) >= self.stream_interval:
+                toks, seq.unsent = seq.unsent, []
+                seq.emit(toks, seq.finish, None)
+        for seq in done:
+            self._leave(seq)
+        self._release()
+
+    def _drain(self) -> None:
+        """Wait for every queued step (best effort), then release every leaver."""
+        if self.model.device.type == "cuda":
+            try:
+                torch.cuda.current_stream(self.model.device).synchronize()
+            except Exception:
+                log.exception("waiting for the queued decode steps failed")
+        self._completed = self._queued
+        self._release(everything=True)

@@ -260,8 +260,10 @@ class RunningSet:
         self.active.append(seq)
         return seq.slot
 
-    def remove(self, seq: Sequence) -> int | None:
-        """Take ``seq`` out; the slot whose sequence moved into its row (None if none)."""
+    def remove(self, seq: Sequence, notify: bool = True) -> int | None:
+        """Take ``seq`` out; the slot whose sequence moved into its row (None if none).
+        ``notify=False``: the caller sets ``seq.left`` later (a step still in flight may
+        write its blocks)."""
         moved_from = None
         if seq.slot >= 0:
             last = self.active.pop()
@@ -272,7 +274,8 @@ class RunningSet:
         with self._cond:
             self._by_id.pop(seq.request_id, None)
             self._cancels.pop(seq.request_id, None)
-        seq.left.set()
+        if notify:
+            seq.left.set()
         return moved_from
 
     def drop_joining(self, seq: Sequence) -> None:

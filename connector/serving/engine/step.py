@@ -17,6 +17,8 @@ smallest bucket ``>= n``, whose padding rows point at a scratch block
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from kvbridge.connector.serving.engine.sampling import sample
 from kvbridge.connector.serving.model.llama import LlamaModel, layer_name
@@ -191,10 +193,14 @@ class DecodeStep:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.cuda_graphs = cuda_graphs and state.device.type == "cuda"
         cuda = state.device.type == "cuda"
+        # CUDA: two pinned buffers, so a step's tokens can be read while the next one runs
         self._host_next = (
-            torch.empty(self.max_batch, dtype=torch.int64, pin_memory=True) if cuda else None
+            torch.empty((2, self.max_batch), dtype=torch.int64, pin_memory=True)
+            if cuda
+            else None
         )
-        self._next_ready = torch.cuda.Event() if cuda else None
+        self._events = [torch.cuda.Event(), torch.cuda.Event()] if cuda else []
+        self._launches = 0
 
     def _run(self, n: int, max_len: int | None = None) -> torch.Tensor:
         s = self.state
@@ -233,10 +239,14 @@ class DecodeStep:
         return self._run(n, max_len)
 
     @torch.inference_mode()
-    def __call__(self, n: int, any_sampling: bool, max_len: int | None = None) -> list[int]:
-        """Decode rows ``[0, n)``; advance their tokens and positions; the next tokens.
+    def launch(self, n: int, any_sampling: bool, max_len: int | None = None) -> Launched:
+        """Queue the decode of rows ``[0, n)`` and the advance of their tokens and
+        positions; ``result()`` of the returned handle gives the next tokens.
 
-        ``max_len``: the longest row's length after this step (host data, CPU path)."""
+        On CUDA nothing waits here: the tokens go to pinned memory behind an event, so
+        the caller can queue the next step before reading this one's (the batch state
+        on the device is already advanced). ``max_len``: the longest row's length
+        after this step (host data, CPU path)."""
         s = self.state
         logits = self.logits(n, max_len)
         if any_sampling:
@@ -245,12 +255,33 @@ class DecodeStep:
         else:
             nxt = logits.argmax(-1)
         s.advance(n, nxt)
+        self._launches += 1
         if self._host_next is None:
-            return nxt.tolist()  # the one read-back of the step
-        # CUDA: into pinned memory, then wait on an event (the GIL is released while the
-        # GPU finishes the step, so streams and pulls run meanwhile)
-        host = self._host_next[:n]
+            return Launched(self._launches, nxt.tolist(), None)
+        k = self._launches % 2
+        host = self._host_next[k, :n]
         host.copy_(nxt, non_blocking=True)
-        self._next_ready.record()
-        self._next_ready.synchronize()
-        return host.tolist()
+        self._events[k].record()
+        return Launched(self._launches, host, self._events[k])
+
+    def __call__(self, n: int, any_sampling: bool, max_len: int | None = None) -> list[int]:
+        """Decode rows ``[0, n)`` and wait: the next tokens."""
+        return self.launch(n, any_sampling, max_len).result()
+
+
+@dataclass(eq=False)
+class Launched:
+    """A queued step: its number (1, 2, ...) and, once ``result()``, its tokens."""
+
+    index: int
+    tokens: list[int] | torch.Tensor  # a list (CPU) or a pinned slice (CUDA)
+    done: torch.cuda.Event | None
+    rows: list = field(default_factory=list)  # the caller's sequences, in row order
+    started: float = 0.0
+
+    def result(self) -> list[int]:
+        """The step's tokens (CUDA: waits on its event, the GIL released meanwhile)."""
+        if self.done is None:
+            return self.tokens
+        self.done.synchronize()
+        return self.tokens.tolist()
