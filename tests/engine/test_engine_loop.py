@@ -205,3 +205,19 @@ def test_sample_filters_and_frequencies():
     for r in range(b):
         keep = int((probs[r].cumsum(0) - probs[r] < p).sum())
         assert set(d[:, r].tolist()) <= set(order[r, :keep].tolist())
+
+
+def test_with_overlap_blocks_are_released_only_after_the_step_in_flight(model):
+    """The step queued before a sequence's last tokens were read still writes its
+    blocks: ``left`` (blocks may be freed) comes only after that step completed."""
+    rig = Rig(model, overlap=True)
+    steps_at_end = []
+    blocks = rig.alloc.allocate(blocks_needed(5 + 6, BS))
+    p = _prompt(5, 31)
+    first = int(model.prefill(p, rig.cache, blocks).argmax())
+    seq = Sequence("a", blocks, 5, first, 6,
+                   emit=lambda t, f, e: f and steps_at_end.append(rig.engine.steps))  # fmt: skip
+    rig.engine.submit(seq)
+    assert seq.left.wait(30) and seq.finish == "length"
+    assert steps_at_end and rig.engine.steps == steps_at_end[0] + 1  # one more step ran
+    rig.engine.stop()
