@@ -15,6 +15,7 @@ so any dtype moves bit-exactly.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from kvbridge.connector.transfer.transport import MemRegion, Transport
 from kvbridge.topology import TopologySpec, TransferTopology
 
 ALIGN = 64
+log = logging.getLogger(__name__)
 
 
 class StagingUnsupported(Exception):
@@ -123,9 +125,13 @@ def relayout(
     where = np.searchsorted(stage.src_ids, src_ids)  # index of each source id in staging
     device = staging.device
     if use_kernel(device):
-        rk.launch(_row_tasks(stage, staging, src, dst_layers, where, dst_ids, num_tokens,
-                             heads), device)  # fmt: skip
-        return _done(device)
+        tasks = _row_tasks(stage, staging, src, dst_layers, where, dst_ids, num_tokens, heads)
+        try:
+            rk.launch(tasks, device)
+            return _done(device)
+        except Exception:  # e.g. the kernel does not compile here: torch copies from now on
+            _KERNEL_BROKEN.add(device.type)
+            log.exception("relayout kernel failed; using torch copies from now on")
     tasks = []
     index: dict[tuple, list[tuple[np.ndarray, ...] | None]] = {}  # run starts -> per run
     for layer, (name, dviews) in zip(src.layers, dst_layers, strict=True):
@@ -160,9 +166,12 @@ def relayout(
     return _done(device)
 
 
+_KERNEL_BROKEN: set[str] = set()  # device types whose launch failed once
+
+
 def use_kernel(device: torch.device) -> bool:
     """Whether relayouts on ``device`` run as one Triton launch (CUDA)."""
-    return device.type == "cuda"
+    return device.type == "cuda" and device.type not in _KERNEL_BROKEN
 
 
 def _done(device: torch.device) -> torch.cuda.Event | None:
