@@ -28,7 +28,7 @@ from kvbridge.connector.serving.model.llama import rms_norm
 from kvbridge.connector.serving.model.rope import apply_rope, rope_tables
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve import BLOCK_SIZE, GPU_MODEL, _weights
+from serve import BLOCK_SIZE, GPU_MODEL, _weights, timed_steps
 
 DEV = "cuda"
 
@@ -75,18 +75,8 @@ def steps(models: dict, rows: list) -> None:
         step = DecodeStep(model, cache, state, cuda_graphs=True)
         step.capture()
         for b in (1, 8, 64):
-            for r in range(b):
-                state.set_row(r, 1, context, list(range(r * pages, (r + 1) * pages)),
-                              (0.0, 1.0, 0, 0))  # fmt: skip
-            for _ in range(3):
-                step(b, False)
-            torch.cuda.synchronize()
             n = 50
-            t0 = time.perf_counter()
-            for _ in range(n):
-                state.positions[:b] = context
-                step(b, False)
-            ms = 1e3 * (time.perf_counter() - t0) / n
+            ms = timed_steps(step, state, b, context, pages, n)
             graph, _ = step.graphs[b]
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()

@@ -232,6 +232,22 @@ def graph_check(device: str) -> dict:
     return out
 
 
+def timed_steps(step, state, b: int, context: int, pages: int, n: int) -> float:
+    """Milliseconds per ``step(b)`` (read-back of the next tokens included) over rows of
+    ``context`` tokens, row ``r`` in blocks ``[r * pages, (r + 1) * pages)``; positions
+    are reset before each step (CUDA)."""
+    for r in range(b):
+        state.set_row(r, 1, context, list(range(r * pages, (r + 1) * pages)), (0.0, 1.0, 0, 0))
+    for _ in range(3):
+        step(b, False)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        state.positions[:b] = context
+        step(b, False)
+    return 1e3 * (time.perf_counter() - t0) / n
+
+
 def step_scaling(device: str, dtype: str, context: int) -> list[dict]:
     """In-process ceiling of the engine: ``DecodeStep`` alone (no daemons, no transfers)
     on the bench model, rows of ``context`` tokens of (random) cache; eager vs graphs."""
@@ -247,16 +263,7 @@ def step_scaling(device: str, dtype: str, context: int) -> list[dict]:
         step = DecodeStep(model, cache, state, cuda_graphs=graphs)
         step.capture()
         for b in (1, 8, 32, 64):
-            for r in range(b):
-                state.set_row(r, 1, context, list(range(r * pages, (r + 1) * pages)),
-                              (0.0, 1.0, 0, 0))  # fmt: skip
-            for _ in range(3):
-                step(b, False)
-            torch.cuda.synchronize()
-            t0, n = time.perf_counter(), 30
-            for _ in range(n):
-                step(b, False)  # includes the read-back of the next tokens
-            ms = 1e3 * (time.perf_counter() - t0) / n
+            ms = timed_steps(step, state, b, context, pages, 30)
             rows.append({"graphs": graphs, "batch": b, "step_ms": round(ms, 3),
                          "tok_s": round(b * 1e3 / ms, 1)})  # fmt: skip
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
