@@ -10,9 +10,9 @@ RMSNorm (one kernel), one gate/up GEMM, SiLU * up (one kernel), the down GEMM.
 Numerics follow the torch path (and transformers): RMSNorm and rope tables in
 float32, each product rounded to the model dtype where torch rounds it. On an H200
 (bench/model_fused.py) RMSNorm and SiLU * up are bit-equal to the torch ops in
-bf16; rope differs by one bf16 rounding in about a quarter of the elements. The fused q/k/v and gate/up weights are the
-layer's own tensors concatenated once, the originals becoming views of them (no
-second copy in memory).
+bf16; rope differs by one bf16 rounding in about a quarter of the elements. The
+fused q/k/v and gate/up weights are the layer's own tensors concatenated once, the
+originals becoming views of them (no second copy in memory).
 """
 
 from __future__ import annotations
