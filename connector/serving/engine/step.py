@@ -195,9 +195,7 @@ class DecodeStep:
         cuda = state.device.type == "cuda"
         # CUDA: two pinned buffers, so a step's tokens can be read while the next one runs
         self._host_next = (
-            torch.empty((2, self.max_batch), dtype=torch.int64, pin_memory=True)
-            if cuda
-            else None
+            torch.empty((2, self.max_batch), dtype=torch.int64, pin_memory=True) if cuda else None
         )
         self._events = [torch.cuda.Event(), torch.cuda.Event()] if cuda else []
         self._launches = 0
