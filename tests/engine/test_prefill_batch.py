@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from kvbridge.connector.serving.engine.prefill_batch import PrefillBatcher
+from kvbridge.connector.serving.engine.prefill_batch import PrefillBatcher, _causal_sdpa
 from kvbridge.connector.serving.model import LlamaModel, ModelConfig, allocate_cache, blocks_needed
 from kvbridge.connector.serving.model.llama import layer_name
 
@@ -117,3 +117,17 @@ def test_a_caller_that_gives_up_leaves_the_batch_and_its_blocks_untouched(model)
     torch.testing.assert_close(got, model.prefill(p, ref_cache, [62, 63, 50]), rtol=1e-5, atol=1e-5)
     with batcher._cond:
         assert batcher._jobs == []
+
+
+def test_causal_sdpa_of_a_whole_prompt_equals_the_explicit_attention():
+    """The CUDA path's one SDPA call per prompt (here on the CPU, float64) against
+    softmax(q k^T) v with the causal mask and the GQA head groups spelled out."""
+    g = torch.Generator().manual_seed(9)
+    t, hq, hkv, d = 11, 6, 2, 8
+    q, k, v = (torch.randn(t, h, d, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv))
+    got = _causal_sdpa(q, k, v, 3, 7, 0.3)  # rows 3..9: one prompt packed among others
+    qs, ks, vs = q[3:10], k[3:10].repeat_interleave(3, 1), v[3:10].repeat_interleave(3, 1)
+    scores = torch.einsum("qhd,khd->hqk", qs, ks) * 0.3
+    scores = scores.masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), float("-inf"))
+    want = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vs)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -4,7 +4,7 @@ Servicer threads call ``PrefillBatcher.prefill(tokens, blocks)``; one thread run
 model. Each forward takes the next chunk (at most ``chunk_tokens`` in all, shortest
 remaining prompts first, at most ``max_prompts`` of them) of every waiting prompt,
 packs the chunks into one (T, hidden) batch for the model's projections and MLP
-(``model._qkv`` / ``model._mlp_residual``: weights read once for all prompts), writes
+(``model.qkv_store`` / ``model._mlp_residual``: weights read once for all prompts), writes
 each token's K/V into its prompt's blocks, and attends per prompt over the K/V
 already in the cache (earlier chunks) plus the chunk itself, causally (on CUDA, a
 prompt's first chunk attends with one fused SDPA kernel over its own K/V). A short prompt
