@@ -134,18 +134,15 @@ def relayout(
             log.exception("relayout kernel failed; using torch copies from now on")
     tasks = []
     index: dict[tuple, list[tuple[np.ndarray, ...] | None]] = {}  # run starts -> per run
-    for layer, (name, dviews) in zip(src.layers, dst_layers, strict=True):
-        if layer.name != name:
-            raise StagingUnsupported(f"layer order differs ({layer.name!r} vs {name!r})")
-        for vspec, dv in zip(layer.views, dviews, strict=True):
-            runs = _staged_runs(stage, vspec, staging)
-            hs = hd = slice(None)
-            if len(vspec.shape) == 4:
-                hs, hd = _head_slices(heads, vspec, dv)
-            key = (tuple(a for a, _ in runs), vspec.shape[1], dv.shape[1])
-            if key not in index:
-                index[key] = _run_indices(key[0], where, dst_ids, num_tokens, *key[1:])
-            tasks.append((key, runs, byte_view(dv), hs, hd, len(vspec.shape) == 4))
+    for _, vspec, dv in _view_pairs(src, dst_layers):
+        runs = _staged_runs(stage, vspec, staging)
+        hs = hd = slice(None)
+        if len(vspec.shape) == 4:
+            hs, hd = _head_slices(heads, vspec, dv)
+        key = (tuple(a for a, _ in runs), vspec.shape[1], dv.shape[1])
+        if key not in index:
+            index[key] = _run_indices(key[0], where, dst_ids, num_tokens, *key[1:])
+        tasks.append((key, runs, byte_view(dv), hs, hd, len(vspec.shape) == 4))
     uploaded = _upload(index, device)
     for key, runs, dbv, hs, hd, has_heads in tasks:
         for (_, view), idx in zip(runs, uploaded[key], strict=True):
@@ -191,40 +188,54 @@ def _head_slices(heads: HeadMap, vspec, dv: torch.Tensor) -> tuple[slice, slice]
     )
 
 
+def _view_pairs(src: TopologySpec, dst_layers):
+    """``(layer name, source view spec, destination view)`` of every layer and view."""
+    for layer, (name, dviews) in zip(src.layers, dst_layers, strict=True):
+        if layer.name != name:
+            raise StagingUnsupported(f"layer order differs ({layer.name!r} vs {name!r})")
+        for vspec, dv in zip(layer.views, dviews, strict=True):
+            yield name, vspec, dv
+
+
+def _token_units(where, dst_ids, num_tokens, sbs: int, dbs: int) -> tuple[np.ndarray, ...]:
+    """Per token row the kernel copies: (index in staging, source slot, destination
+    block, destination slot); whole blocks (one block size): every slot of each pair."""
+    if num_tokens is None:
+        slots = np.arange(sbs, dtype=np.int64)
+        return (np.repeat(where, sbs), np.tile(slots, where.size),
+                np.repeat(dst_ids, sbs), np.tile(slots, dst_ids.size))  # fmt: skip
+    t = np.arange(num_tokens, dtype=np.int64)
+    return where[t // sbs], t % sbs, dst_ids[t // dbs], t % dbs
+
+
 def _row_tasks(stage, staging, src, dst_layers, where, dst_ids, num_tokens, heads):
     """The kernel's work: per (layer, view), the byte address of every token's first
     row in staging and in the destination view (tokens: whole blocks' slots, or the
     first ``num_tokens`` tokens of the two block sizes), heads and row bytes."""
     tasks = []
-    for layer, (name, dviews) in zip(src.layers, dst_layers, strict=True):
-        if layer.name != name:
-            raise StagingUnsupported(f"layer order differs ({layer.name!r} vs {name!r})")
-        for vspec, dv in zip(layer.views, dviews, strict=True):
-            sbs, dbs = vspec.shape[1], dv.shape[1]
-            if num_tokens is None:  # whole blocks, one block size: every slot of each pair
-                slots = np.arange(sbs, dtype=np.int64)
-                s_idx, s_slot = np.repeat(where, sbs), np.tile(slots, where.size)
-                d_blk, d_slot = np.repeat(dst_ids, sbs), np.tile(slots, dst_ids.size)
-            else:
-                t = np.arange(num_tokens, dtype=np.int64)
-                s_idx, s_slot, d_blk, d_slot = where[t // sbs], t % sbs, dst_ids[t // dbs], t % dbs
-            isz, dsz = vspec.itemsize, dv.element_size()
-            if vspec.shape[-1] * isz != dv.shape[-1] * dsz:
-                raise StagingUnsupported(f"rows of {name} differ in bytes")
-            ds = [x * dsz for x in dv.stride()]
-            hs = hd = slice(0, 1)
-            s_head = d_head = 0
-            if len(vspec.shape) == 4:
-                hs, hd = _head_slices(heads, vspec, dv)
-                s_head, d_head = vspec.strides[2] * isz, ds[2]
-            pos = _stage_positions(stage, vspec)
-            tasks.append(rk.RowTask(
-                src=staging.data_ptr() + pos[s_idx] + s_slot * (vspec.strides[1] * isz)
-                + hs.start * s_head,
-                dst=dv.data_ptr() + d_blk * ds[0] + d_slot * ds[1] + hd.start * d_head,
-                heads=hs.stop - hs.start, src_head=s_head, dst_head=d_head,
-                row=vspec.shape[-1] * isz,
-            ))  # fmt: skip
+    units: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}  # per (src bs, dst bs)
+    for name, vspec, dv in _view_pairs(src, dst_layers):
+        sizes = (vspec.shape[1], dv.shape[1])
+        if sizes not in units:  # the same for every layer: computed once
+            units[sizes] = _token_units(where, dst_ids, num_tokens, *sizes)
+        s_idx, s_slot, d_blk, d_slot = units[sizes]
+        isz, dsz = vspec.itemsize, dv.element_size()
+        if vspec.shape[-1] * isz != dv.shape[-1] * dsz:
+            raise StagingUnsupported(f"rows of {name} differ in bytes")
+        ds = [x * dsz for x in dv.stride()]
+        hs = hd = slice(0, 1)
+        s_head = d_head = 0
+        if len(vspec.shape) == 4:
+            hs, hd = _head_slices(heads, vspec, dv)
+            s_head, d_head = vspec.strides[2] * isz, ds[2]
+        pos = _stage_positions(stage, vspec)
+        tasks.append(rk.RowTask(
+            src=staging.data_ptr() + pos[s_idx] + s_slot * (vspec.strides[1] * isz)
+            + hs.start * s_head,
+            dst=dv.data_ptr() + d_blk * ds[0] + d_slot * ds[1] + hd.start * d_head,
+            heads=hs.stop - hs.start, src_head=s_head, dst_head=d_head,
+            row=vspec.shape[-1] * isz,
+        ))  # fmt: skip
     return tasks
 
 
