@@ -216,7 +216,6 @@ class DecodeEngine:
         tokens = launched.result()
         now = time.perf_counter()
         self._completed = launched.index
-        self._release()
         self.steps += 1
         if self.on_step is not None:  # the step's own time, not the wait before it ran
             self.on_step(len(tokens), now - max(launched.started, self._last_done))
