@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 from kvbridge.connector.serving.engine import prefill_batch as pbm
+from kvbridge.connector.serving.engine.batch_state import BatchState
 from kvbridge.connector.serving.engine.prefill_batch import PrefillBatcher, _Job
-from kvbridge.connector.serving.engine.step import BatchState, DecodeStep
+from kvbridge.connector.serving.engine.step import DecodeStep
 from kvbridge.connector.serving.model import LlamaModel, allocate_cache, generate_monolithic
 from kvbridge.connector.serving.model import fused as fz
 from kvbridge.connector.serving.model.llama import rms_norm
@@ -77,7 +78,7 @@ def steps(models: dict, rows: list) -> None:
         for b in (1, 8, 64):
             n = 50
             ms = timed_steps(step, state, b, context, pages, n)
-            graph, _ = step.graphs[b]
+            graph = step.graphs[b][(False, 0)]  # the whole greedy step
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
             for _ in range(n):

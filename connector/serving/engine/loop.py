@@ -23,8 +23,9 @@ import time
 from collections.abc import Callable
 
 import torch
+from kvbridge.connector.serving.engine.batch_state import BatchState
 from kvbridge.connector.serving.engine.scheduler import RunningSet, Sequence
-from kvbridge.connector.serving.engine.step import BatchState, DecodeStep, Launched
+from kvbridge.connector.serving.engine.step import DecodeStep, Launched
 from kvbridge.connector.serving.model.llama import LlamaModel
 from kvbridge.topology.layouts import KVCache
 
@@ -190,7 +191,6 @@ class DecodeEngine:
                         pending = launched
                     else:
                         self._finish(launched)
-                time.sleep(0)  # let the servicer threads in (GIL) at every step boundary
         finally:
             for seq in list(self.running.active):
                 self._leave(seq)

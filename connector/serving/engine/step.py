@@ -1,18 +1,20 @@
 """The batched decode step: device-resident batch state, no host round-trip inside a step.
 
-``BatchState`` holds, per row of the batch (capacity ``max_batch``), the token to
-feed, its position, the block table row and the sampling parameters, all on the
-model's device. Rows change incrementally: a joining sequence writes its row once
-(``set_row``), a leaving one is replaced by the last row (``move_row``), and each
-step advances tokens and positions in place. Every index the step uses was checked
-on the host when the sequence joined (``Sequence.capacity_ok``, block ids from the
-allocator), so the step calls ``paged_decode(..., validate=False)`` and reads
-nothing back but the next tokens, once, at its end.
+``BatchState`` (``batch_state.py``) holds, per row of the batch (capacity
+``max_batch``), the token to feed, its position, the block table row and the
+sampling parameters, all on the model's device in one packed tensor. Rows change
+incrementally: a joining sequence writes its row once (``set_row``), a leaving one
+is replaced by the last row (``move_row``), and each step advances the active rows'
+tokens and positions in place. Every index the step uses was checked on the host
+when the sequence joined (``Sequence.capacity_ok``, block ids from the allocator), so
+the step calls ``paged_decode(..., validate=False)`` and reads nothing back but the
+next tokens, once, at its end.
 
-On CUDA (``cuda_graphs=True``) the forward of each batch-size bucket (1, 2, 4, ...,
-``max_batch``) is captured once in a CUDA graph; a batch of ``n`` replays the
-smallest bucket ``>= n``, whose padding rows point at a scratch block
-(``pad_block``) that no sequence owns, at position 0.
+On CUDA (``cuda_graphs=True``) the whole step of each batch-size bucket (1, 2, 4,
+..., ``max_batch``): forward, argmax or sampling, advance and the copy of the tokens
+to pinned memory, is captured once per (greedy/sampled, pinned buffer); a batch of
+``n`` replays the smallest bucket ``>= n``, whose padding rows (inactive) point at a
+scratch block (``pad_block``) that no sequence owns, at position 0.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from kvbridge.connector.serving.engine.batch_state import BatchState
 from kvbridge.connector.serving.engine.sampling import sample
 from kvbridge.connector.serving.model.llama import LlamaModel, layer_name
 from kvbridge.kernels import paged_decode
@@ -33,80 +36,6 @@ def buckets(max_batch: int) -> list[int]:
         out.append(b)
         b *= 2
     return [*out, max_batch]
-
-
-class BatchState:
-    """Per-row decode inputs on the device, rows ``[0, n)`` active."""
-
-    def __init__(self, max_batch: int, max_pages: int, device: torch.device, pad_block: int):
-        def z(*shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-            return torch.zeros(*shape, dtype=dtype, device=device)
-
-        self.device = device
-        self.pad_block = pad_block
-        self.tokens = z(max_batch)
-        self.positions = z(max_batch)
-        self.tables = torch.full(
-            (max_batch, max_pages), pad_block, dtype=torch.int32, device=device
-        )
-        self.temperature = z(max_batch, dtype=torch.float32)
-        self.top_p = z(max_batch, dtype=torch.float32)
-        self.top_k = z(max_batch)
-        self.seeds = z(max_batch)
-        # CUDA: a joining row's table goes up from pinned host memory without a sync
-        # (a pageable copy would wait for everything queued on the stream, relayouts
-        # of other requests' pulls included); each host row is rewritten only once
-        # the copy out of it completed
-        cuda = device.type == "cuda"
-        self._host_tables = (
-            torch.empty((max_batch, max_pages), dtype=torch.int32, pin_memory=True)
-            if cuda
-            else None
-        )
-        self._row_copied: list[torch.cuda.Event | None] = [None] * max_batch
-
-    def set_row(
-        self, row: int, token: int, position: int, blocks: list[int], sampling: tuple
-    ) -> None:
-        """Write a joining sequence's row (host data, copied once)."""
-        temperature, top_p, top_k, seed = sampling
-        self.tokens[row] = token
-        self.positions[row] = position
-        table = self.tables[row]
-        if self._host_tables is None:
-            table.fill_(self.pad_block)
-            table[: len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        else:
-            done = self._row_copied[row]
-            if done is not None:
-                done.synchronize()  # the previous copy out of this host row
-            host = self._host_tables[row]
-            host.fill_(self.pad_block)
-            host[: len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-            table.copy_(host, non_blocking=True)
-            done = self._row_copied[row] = done or torch.cuda.Event()
-            done.record()
-        self.temperature[row] = temperature
-        self.top_p[row] = top_p
-        self.top_k[row] = top_k
-        self.seeds[row] = seed
-
-    def move_row(self, src: int, dst: int) -> None:
-        """Row ``src`` takes row ``dst``'s place (device copies, no sync)."""
-        for t in (self.tokens, self.positions, self.tables, self.temperature, self.top_p,
-                  self.top_k, self.seeds):  # fmt: skip
-            t[dst] = t[src]
-
-    def clear_row(self, row: int) -> None:
-        """Make ``row`` padding: scratch block, position 0, greedy."""
-        self.tables[row].fill_(self.pad_block)
-        self.positions[row] = 0
-        self.tokens[row] = 0
-        self.temperature[row] = 0.0
-
-    def advance(self, n: int, next_tokens: torch.Tensor) -> None:
-        self.tokens[:n] = next_tokens[:n]
-        self.positions[:n] += 1
 
 
 def gathered_attention(
@@ -190,7 +119,9 @@ class DecodeStep:
     ) -> None:
         self.model, self.cache, self.state = model, cache, state
         self.max_batch = state.tokens.shape[0]
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # bucket -> (sampling?, pinned buffer) -> the whole step as one graph
+        self.graphs: dict[int, dict[tuple[bool, int], torch.cuda.CUDAGraph]] = {}
+        self._bucket = [0] * (self.max_batch + 1)  # n -> the smallest bucket >= n
         self.cuda_graphs = cuda_graphs and state.device.type == "cuda"
         cuda = state.device.type == "cuda"
         # CUDA: two pinned buffers, so a step's tokens can be read while the next one runs
@@ -200,41 +131,49 @@ class DecodeStep:
         self._events = [torch.cuda.Event(), torch.cuda.Event()] if cuda else []
         self._launches = 0
 
-    def _run(self, n: int, max_len: int | None = None) -> torch.Tensor:
+    def _step(self, n: int, any_sampling: bool, k: int, max_len: int | None = None):
+        """Forward rows ``[0, n)``, pick the next tokens, advance the active rows; on
+        CUDA the tokens go on to pinned buffer ``k``."""
         s = self.state
-        return forward(self.model, self.cache, s.tokens[:n], s.positions[:n], s.tables[:n], max_len)
+        logits = forward(self.model, self.cache, s.tokens[:n], s.positions[:n], s.tables[:n],
+                         max_len)  # fmt: skip
+        if any_sampling:
+            nxt = sample(logits, s.temperature[:n], s.top_p[:n], s.top_k[:n], s.seeds[:n],
+                         s.positions[:n])  # fmt: skip
+        else:
+            nxt = logits.argmax(-1)
+        s.advance(n, nxt)
+        if self._host_next is not None:
+            self._host_next[k, :n].copy_(nxt, non_blocking=True)
+        return nxt
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every bucket's forward (all rows must be padding: they write the scratch
-        block only)."""
+        """Capture every bucket's whole step, greedy and sampled, once per pinned buffer
+        (all rows must be padding: inactive, they write the scratch block only)."""
         if not self.cuda_graphs:
             return
+        sizes = buckets(self.max_batch)
         pool = None
         side = torch.cuda.Stream(device=self.state.device)
         side.wait_stream(torch.cuda.current_stream(self.state.device))
         with torch.cuda.stream(side):
-            for b in buckets(self.max_batch):
-                self._run(b)  # compile kernels, warm the allocator outside capture
+            for b in sizes:
+                for sampling in (False, True):
+                    self._step(b, sampling, 0)  # compile kernels, warm the allocator
         torch.cuda.current_stream(self.state.device).wait_stream(side)
-        for b in reversed(buckets(self.max_batch)):  # largest first: the pool fits all
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: transfer-engine threads may touch CUDA while we capture
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                logits = self._run(b)
-            pool = graph.pool()
-            self.graphs[b] = (graph, logits)
+        for b in reversed(sizes):  # largest first: the pool fits all
+            self.graphs[b] = {}
+            for key in ((False, 0), (False, 1), (True, 0), (True, 1)):
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: transfer-engine threads may touch CUDA while we capture
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    self._step(b, *key)
+                pool = graph.pool()
+                self.graphs[b][key] = graph
+        for n in range(1, self.max_batch + 1):
+            self._bucket[n] = next(b for b in sizes if b >= n)
         torch.cuda.synchronize(self.state.device)
-
-    @torch.inference_mode()
-    def logits(self, n: int, max_len: int | None = None) -> torch.Tensor:
-        """Logits of rows ``[0, n)`` (a view of a graph's output when graphs are on)."""
-        if self.graphs:
-            b = next(b for b in sorted(self.graphs) if b >= n)
-            graph, out = self.graphs[b]
-            graph.replay()
-            return out[:n]
-        return self._run(n, max_len)
 
     @torch.inference_mode()
     def launch(self, n: int, any_sampling: bool, max_len: int | None = None) -> Launched:
@@ -243,24 +182,19 @@ class DecodeStep:
 
         On CUDA nothing waits here: the tokens go to pinned memory behind an event, so
         the caller can queue the next step before reading this one's (the batch state
-        on the device is already advanced). ``max_len``: the longest row's length
-        after this step (host data, CPU path)."""
-        s = self.state
-        logits = self.logits(n, max_len)
-        if any_sampling:
-            nxt = sample(logits, s.temperature[:n], s.top_p[:n], s.top_k[:n], s.seeds[:n],
-                         s.positions[:n])  # fmt: skip
-        else:
-            nxt = logits.argmax(-1)
-        s.advance(n, nxt)
+        on the device is already advanced). With graphs that is two host calls, the
+        replay and the event, so the engine thread gives up the GIL twice per step.
+        ``max_len``: the longest row's length after this step (host data, CPU path)."""
         self._launches += 1
-        if self._host_next is None:
-            return Launched(self._launches, nxt.tolist(), None)
         k = self._launches % 2
-        host = self._host_next[k, :n]
-        host.copy_(nxt, non_blocking=True)
+        if self.graphs:
+            self.graphs[self._bucket[n]][(any_sampling, k)].replay()
+        else:
+            nxt = self._step(n, any_sampling, k, max_len)
+            if self._host_next is None:
+                return Launched(self._launches, nxt.tolist(), None)
         self._events[k].record()
-        return Launched(self._launches, host, self._events[k])
+        return Launched(self._launches, self._host_next[k, :n], self._events[k])
 
     def __call__(self, n: int, any_sampling: bool, max_len: int | None = None) -> list[int]:
         """Decode rows ``[0, n)`` and wait: the next tokens."""
