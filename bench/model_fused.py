@@ -90,12 +90,37 @@ def steps(models: dict, rows: list) -> None:
             print(json.dumps(rows[-1]), flush=True)
 
 
+def varlen_vs_sdpa(model, cache, rng: random.Random, rows: list) -> None:
+    """The same packed forward (prompts of different lengths) with one varlen call per
+    layer and with one SDPA call per prompt: last-token logits and their argmax."""
+    lens = [rng.randint(100, 400) for _ in range(12)]
+    plan, nxt = [], 0
+    for n in lens:
+        need = -(-n // BLOCK_SIZE)
+        job = _Job([rng.randrange(32000) for _ in range(n)], list(range(nxt, nxt + need)))
+        plan.append((job, n))
+        nxt += need
+    out = {}
+    for varlen in (False, True):
+        pb = PrefillBatcher.__new__(PrefillBatcher)
+        pb.model, pb.cache, pb.varlen = model, cache, varlen
+        out[varlen] = torch.stack(pb._forward(plan)).float()
+    a, b = out[False], out[True]
+    rows.append({"what": "prefill_varlen_vs_sdpa", "prompts": len(lens),
+                 "max_abs_logit_diff": round(float((a - b).abs().max()), 4),
+                 "logit_scale": round(float(a.abs().max()), 2),
+                 "argmax_equal": int((a.argmax(-1) == b.argmax(-1)).sum())})  # fmt: skip
+    print(json.dumps(rows[-1]), flush=True)
+
+
 def prefills(models: dict, rows: list) -> None:
     rng = random.Random(1)
     cache = allocate_cache(models["fused"], "nhd", 512, BLOCK_SIZE)
-    for name, model in models.items():
+    runs = [(name, model, False) for name, model in models.items()]
+    runs.append(("fused+varlen", models["fused"], True))
+    for name, model, varlen in runs:
         pb = PrefillBatcher.__new__(PrefillBatcher)  # the forward only, no thread
-        pb.model, pb.cache = model, cache
+        pb.model, pb.cache, pb.varlen = model, cache, varlen
         for nprompt, plen in ((16, 256), (1, 256), (4, 1024)):
             need = -(-plen // BLOCK_SIZE)
             plan = [
@@ -118,14 +143,16 @@ def prefills(models: dict, rows: list) -> None:
             rows.append({"what": "prefill", "model": name, "prompts": nprompt, "len": plen,
                          "ms": round(1e3 * (time.perf_counter() - t0) / 5, 2)})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
+    varlen_vs_sdpa(models["fused"], cache, rng, rows)
     keep = pbm.SDPA_BACKENDS
-    for label, backends in (
-        ("no_cudnn", keep),
-        ("cudnn_allowed", [pbm.SDPBackend.CUDNN_ATTENTION, *keep]),
+    for label, backends, varlen in (
+        ("no_cudnn", keep, False),
+        ("cudnn_allowed", [pbm.SDPBackend.CUDNN_ATTENTION, *keep], False),
+        ("varlen", keep, True),
     ):
         pbm.SDPA_BACKENDS = backends
         pb = PrefillBatcher.__new__(PrefillBatcher)
-        pb.model, pb.cache = models["fused"], cache
+        pb.model, pb.cache, pb.varlen = models["fused"], cache, varlen
         ms = []
         for length in range(201, 301, 10):  # a new prompt length each time
             plan = [(_Job([rng.randrange(32000) for _ in range(length)], list(range(20))), length)]
@@ -142,6 +169,8 @@ def prefills(models: dict, rows: list) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--prefill-only", action="store_true", help="skip the exactness checks "
+                    "and the decode steps")  # fmt: skip
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
@@ -150,10 +179,11 @@ def main() -> int:
     w = _weights(GPU_MODEL, "bfloat16", DEV)
     models = {"fused": LlamaModel(GPU_MODEL, w), "torch_ops": LlamaModel(GPU_MODEL, w, fused=False)}
     checks: dict = {}
-    exactness(models["fused"], models["torch_ops"], checks)
-    print(json.dumps(checks), flush=True)
     rows: list = []
-    steps(models, rows)
+    if not args.prefill_only:
+        exactness(models["fused"], models["torch_ops"], checks)
+        print(json.dumps(checks), flush=True)
+        steps(models, rows)
     prefills(models, rows)
     if args.json:
         env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}

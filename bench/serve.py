@@ -276,7 +276,8 @@ def step_scaling(device: str, dtype: str, context: int) -> list[dict]:
 
 
 PHASES = {"queue": "request_queue_time", "prefill": "request_prefill_time",
-          "transfer": "request_kv_transfer_time", "ttft": "time_to_first_token"}  # fmt: skip
+          "prefill_call": "request_prefill_call", "transfer": "request_kv_transfer_time",
+          "ttft": "time_to_first_token"}  # fmt: skip
 
 
 def phase_means(m0: dict, m1: dict) -> dict:

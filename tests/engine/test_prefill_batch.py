@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from kvbridge.connector.serving.engine.prefill_batch import PrefillBatcher, _causal_sdpa
+from kvbridge.connector.serving.engine.prefill_batch import PrefillBatcher, _causal_sdpa, _Job
 from kvbridge.connector.serving.model import LlamaModel, ModelConfig, allocate_cache, blocks_needed
 from kvbridge.connector.serving.model.llama import layer_name
 
@@ -131,3 +131,23 @@ def test_causal_sdpa_of_a_whole_prompt_equals_the_explicit_attention():
     scores = scores.masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), float("-inf"))
     want = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vs)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen flash attention needs CUDA")
+def test_varlen_forward_equals_one_sdpa_call_per_prompt():
+    """CUDA, bf16: the packed forward whose prompts attend in one varlen call per layer
+    against the same forward with one SDPA call per prompt (logits and argmax)."""
+    model = LlamaModel.random(CFG, device="cuda", dtype=torch.bfloat16)
+    cache = allocate_cache(model, "packed", 64, BS, seed=1)
+    batcher = PrefillBatcher.__new__(PrefillBatcher)  # the forward alone, no thread
+    lengths, plan, start = [1, 5, 23, 9, 40, 2], [], 0
+    for i, n in enumerate(lengths):
+        job = _Job(_prompt(n, 10 + i), list(range(start, start + blocks_needed(n, BS))))
+        plan.append((job, n))
+        start += len(job.blocks)
+    out = {}
+    for varlen in (False, True):
+        batcher.model, batcher.cache, batcher.varlen = model, cache, varlen
+        out[varlen] = torch.stack(batcher._forward(plan)).float()
+    torch.testing.assert_close(out[True], out[False], rtol=2e-2, atol=2e-2)
+    assert torch.equal(out[True].argmax(-1), out[False].argmax(-1))

@@ -289,7 +289,8 @@ def test_latency_histograms_cover_every_request(s):
     assert done >= 10
     assert m["kvbridge_e2e_request_latency_seconds_count"] == done
     for name in ("time_to_first_token", "request_prefill_time", "request_kv_transfer_time",
-                 "request_handshake_time", "request_queue_time"):  # fmt: skip
+                 "request_handshake_time", "request_queue_time",
+                 "request_prefill_call"):  # fmt: skip
         assert 0 < m[f"kvbridge_{name}_seconds_count"] <= done, name
     assert m["kvbridge_inter_token_latency_seconds_count"] > done
     assert (
@@ -297,6 +298,10 @@ def test_latency_histograms_cover_every_request(s):
         < m["kvbridge_e2e_request_latency_seconds_sum"]
     )
     assert m["kvbridge_request_handshake_time_seconds_sum"] > 0  # the first pull shook hands
+    assert (  # the call holds the compute
+        m["kvbridge_request_prefill_call_seconds_sum"]
+        >= m["kvbridge_request_prefill_time_seconds_sum"]
+    )
 
 
 def test_unavailable_prefill_answers_503(s):

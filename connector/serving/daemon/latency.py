@@ -49,6 +49,10 @@ class LatencyMetrics:
         self.prefill = hist(
             "kvbridge_request_prefill_time_seconds", "prefill compute on the prefill daemon"
         )
+        self.prefill_call = hist(
+            "kvbridge_request_prefill_call_seconds",
+            "the Prefill call's wall time seen by the decode daemon (compute, queueing, RPC)",
+        )
         self.transfer = hist(
             "kvbridge_request_kv_transfer_time_seconds", "KV pull of a request (all attempts)"
         )

@@ -13,6 +13,7 @@ that arrives while a long one is being prefilled runs in the very next forward.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -23,6 +24,11 @@ import torch
 from kvbridge.connector.serving.model.llama import LlamaModel, layer_name
 from kvbridge.topology.layouts import KVCache
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+try:  # one flash-attention call for every prompt of a forward (torch >= 2.10)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - older torch: one SDPA call per prompt
+    varlen_attn = None
 
 # no cuDNN: it builds an execution plan for every new prompt length (prompts vary)
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -55,6 +61,13 @@ class PrefillBatcher:
             chunk_tokens = CHUNK_TOKENS_CUDA if model.device.type == "cuda" else CHUNK_TOKENS
         self.chunk_tokens, self.max_prompts = chunk_tokens, max_prompts
         self.forwards = 0
+        # CUDA, half precision: the prompts' first chunks attend in ONE varlen call per
+        # layer (a torch call per prompt and layer gives up the GIL each time)
+        self.varlen = (
+            _VARLEN_CAUSAL is not None
+            and model.device.type == "cuda"
+            and model.dtype in (torch.float16, torch.bfloat16)
+        )
         self._jobs: list[_Job] = []
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="kvbridge-prefill", daemon=True)
@@ -156,10 +169,23 @@ class PrefillBatcher:
         ]
         group = cfg.num_heads // cfg.num_kv_heads
         flash = dev.type == "cuda" and window is None
+        # every chunk a whole prompt's start: one varlen call per layer attends them all
+        varlen = flash and self.varlen and all(job.done == 0 for job, _ in plan)
+        if varlen:
+            ends = [0]
+            for _, n in plan:
+                ends.append(ends[-1] + n)
+            cu = torch.tensor(ends, dtype=torch.int32, device=dev)
+            longest = max(n for _, n in plan)
         x = model.w.embed[tokens]
         for i in range(cfg.num_layers):
             k_cache, v_cache = cache.kv(layer_name(i))
             q, k, v = model.qkv_store(x, i, positions, (k_cache, v_cache), blk_t, slot, flash)
+            if varlen:
+                attn = varlen_attn(q, k, v, cu, cu, longest, longest, scale=model.scale,
+                                   enable_gqa=True, **_VARLEN_CAUSAL)  # fmt: skip
+                x = model._mlp_residual(x, attn, i)
+                continue
             outs, start = [], 0
             for (job, n), table in zip(plan, tables, strict=True):
                 end = job.done + n  # keys [0, end) of this prompt
@@ -205,6 +231,19 @@ def _causal_sdpa(
     return out[0].transpose(0, 1)
 
 
+def _varlen_causal() -> dict | None:
+    """``varlen_attn``'s causal keyword for this torch (``None``: not usable here)."""
+    if varlen_attn is None:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "scale" not in params or "enable_gqa" not in params:
+        return None
+    if "window_size" in params:
+        return {"window_size": (-1, 0)}
+    return {"is_causal": True} if "is_causal" in params else None
+
+
+_VARLEN_CAUSAL = _varlen_causal()
 _LOCK = threading.Lock()
 
 
