@@ -7,8 +7,10 @@ packs the chunks into one (T, hidden) batch for the model's projections and MLP
 (``model.qkv_store`` / ``model._mlp_residual``: weights read once for all prompts), writes
 each token's K/V into its prompt's blocks, and attends per prompt over the K/V
 already in the cache (earlier chunks) plus the chunk itself, causally (on CUDA, a
-prompt's first chunk attends with one fused SDPA kernel over its own K/V). A short prompt
-that arrives while a long one is being prefilled runs in the very next forward.
+prompt's first chunk attends with one fused SDPA kernel over its own K/V, and when
+every chunk of a half-precision forward starts its prompt, one ``varlen_attn`` call
+per layer covers them all). A short prompt that arrives while a long one is being
+prefilled runs in the very next forward.
 """
 
 from __future__ import annotations
