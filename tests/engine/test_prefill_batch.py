@@ -44,9 +44,10 @@ def test_concurrent_chunked_prefills_equal_single_prefill(model):
         blocks.append(list(range(start, start + blocks_needed(n, BS))))
         start += blocks_needed(n, BS)
     got: dict[int, torch.Tensor] = {}
+    firsts: dict[int, int] = {}
 
     def run(i: int) -> None:
-        got[i] = batcher.prefill(prompts[i], blocks[i])
+        got[i], firsts[i] = batcher.prefill_first(prompts[i], blocks[i])
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -57,7 +58,7 @@ def test_concurrent_chunked_prefills_equal_single_prefill(model):
     for i, p in enumerate(prompts):
         want = model.prefill(p, ref_cache, blocks[i])
         torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
-        assert int(got[i].argmax()) == int(want.argmax())
+        assert int(got[i].argmax()) == int(want.argmax()) == firsts[i]
         for layer in range(CFG.num_layers):
             for a, b in zip(_kv(cache, blocks[i], len(p), layer),
                             _kv(ref_cache, blocks[i], len(p), layer), strict=True):  # fmt: skip

@@ -130,11 +130,11 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
         try:
             t0 = time.perf_counter()
             left = context.time_remaining()  # queue for the model no longer than the caller
-            logits = prefill_batcher(rt).prefill(  # packed with concurrent prompts
+            out = prefill_batcher(rt).prefill_first(  # packed with concurrent prompts
                 tokens, blocks, timeout=left, alive=context.is_active
             )
-            waiting = logits is not None and context.is_active()  # else the caller gave up
-            first = int(logits.argmax()) if waiting else 0
+            waiting = out is not None and context.is_active()  # else the caller gave up
+            first = out[1] if waiting else 0
             seconds = time.perf_counter() - t0
             checksum = (
                 kv_checksum(rt.cache, blocks, len(tokens))

@@ -82,7 +82,21 @@ class PrefillBatcher:
         timeout: float | None = None,
         alive: Callable[[], bool] | None = None,
     ) -> torch.Tensor | None:
-        """Write the prompt's K/V into ``blocks``; the logits of its last token.
+        """Write the prompt's K/V into ``blocks``; the logits of its last token (``None``:
+        the caller gave up first, see ``prefill_first``)."""
+        out = self.prefill_first(tokens, blocks, timeout, alive)
+        return None if out is None else out[0]
+
+    def prefill_first(
+        self,
+        tokens: list[int],
+        blocks: list[int],
+        timeout: float | None = None,
+        alive: Callable[[], bool] | None = None,
+    ) -> tuple[torch.Tensor, int] | None:
+        """Write the prompt's K/V into ``blocks``; the logits of its last token and their
+        argmax (the greedy first token, read back once per forward for all its prompts:
+        a read of the logits here would also wait for the next forward, already queued).
 
         ``None`` when the caller gave up first: ``timeout`` seconds passed or ``alive()``
         turned false before the prompt's last chunk. The prompt then leaves the batch
@@ -100,12 +114,16 @@ class PrefillBatcher:
             self._jobs.append(job)
             self._cond.notify()
         try:
-            return job.future.result(timeout=None if timeout is None else max(timeout, 0.0))
+            out = job.future.result(timeout=None if timeout is None else max(timeout, 0.0))
         except FutureTimeoutError:
             with self._cond:
                 job.abandoned = True
                 self._cond.notify()
-            return job.future.result()  # None, or the logits if it finished meanwhile
+            out = job.future.result()  # None, or the logits if it finished meanwhile
+        if out is None:
+            return None
+        logits, firsts, k = out
+        return logits, firsts.get(k)
 
     # ------------------------------------------------------------- the thread
     def _plan(self) -> list[tuple[_Job, int]]:
@@ -142,12 +160,15 @@ class PrefillBatcher:
                 for job, _ in plan:
                     job.future.set_exception(exc)
                 continue
+            ended = [lg for lg in last if lg is not None]
+            firsts, k = (_FirstTokens(ended) if ended else None), 0
             for (job, n), logits in zip(plan, last, strict=True):
                 job.done += n
                 if job.done == len(job.tokens):
                     with self._cond:
                         self._jobs.remove(job)
-                    job.future.set_result(logits)
+                    job.future.set_result((logits, firsts, k))
+                    k += 1
 
     @torch.inference_mode()
     def _forward(self, plan: list[tuple[_Job, int]]) -> list[torch.Tensor | None]:
@@ -217,6 +238,27 @@ class PrefillBatcher:
             logits[j] if job.done + n == len(job.tokens) else None
             for j, (job, n) in enumerate(plan)
         ]
+
+
+class _FirstTokens:
+    """The argmax of one forward's finished prompts, copied to pinned memory behind an
+    event: ``get(i)`` waits for that forward only, not for the ones queued after it."""
+
+    def __init__(self, logits: list[torch.Tensor]) -> None:
+        tokens = torch.stack(logits).argmax(-1)
+        self._event = None
+        if tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tokens
+
+    def get(self, i: int) -> int:
+        if self._event is not None:
+            self._event.synchronize()
+        return int(self._host[i])
 
 
 def _causal_sdpa(
