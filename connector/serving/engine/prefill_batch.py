@@ -16,6 +16,7 @@ prefilled runs in the very next forward.
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -31,6 +32,8 @@ try:  # one flash-attention call for every prompt of a forward (torch >= 2.10)
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # pragma: no cover - older torch: one SDPA call per prompt
     varlen_attn = None
+
+log = logging.getLogger("kvbridge.engine")
 
 # no cuDNN: it builds an execution plan for every new prompt length (prompts vary)
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -205,10 +208,14 @@ class PrefillBatcher:
             k_cache, v_cache = cache.kv(layer_name(i))
             q, k, v = model.qkv_store(x, i, positions, (k_cache, v_cache), blk_t, slot, flash)
             if varlen:
-                attn = varlen_attn(q, k, v, cu, cu, longest, longest, scale=model.scale,
-                                   enable_gqa=True, **_VARLEN_CAUSAL)  # fmt: skip
-                x = model._mlp_residual(x, attn, i)
-                continue
+                try:
+                    attn = varlen_attn(q, k, v, cu, cu, longest, longest, scale=model.scale,
+                                       enable_gqa=True, **_VARLEN_CAUSAL)  # fmt: skip
+                    x = model._mlp_residual(x, attn, i)
+                    continue
+                except Exception:  # e.g. no flash kernel for this GPU: one call per prompt
+                    log.exception("varlen attention failed; one SDPA call per prompt from now on")
+                    varlen = self.varlen = False
             outs, start = [], 0
             for (job, n), table in zip(plan, tables, strict=True):
                 end = job.done + n  # keys [0, end) of this prompt
