@@ -107,6 +107,7 @@ def varlen_vs_sdpa(model, cache, rng: random.Random, rows: list) -> None:
         out[varlen] = torch.stack(pb._forward(plan)).float()
     a, b = out[False], out[True]
     rows.append({"what": "prefill_varlen_vs_sdpa", "prompts": len(lens),
+                 "varlen_ran": pb.varlen,  # False: the call failed, both rows used SDPA
                  "max_abs_logit_diff": round(float((a - b).abs().max()), 4),
                  "logit_scale": round(float(a.abs().max()), 2),
                  "argmax_equal": int((a.argmax(-1) == b.argmax(-1)).sum())})  # fmt: skip
@@ -140,7 +141,8 @@ def prefills(models: dict, rows: list) -> None:
             for _ in range(5):
                 pb._forward(plan)
             torch.cuda.synchronize()
-            rows.append({"what": "prefill", "model": name, "prompts": nprompt, "len": plen,
+            rows.append({"what": "prefill", "model": name, "varlen": pb.varlen,
+                         "prompts": nprompt, "len": plen,
                          "ms": round(1e3 * (time.perf_counter() - t0) / 5, 2)})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     varlen_vs_sdpa(models["fused"], cache, rng, rows)
@@ -161,7 +163,7 @@ def prefills(models: dict, rows: list) -> None:
             pb._forward(plan)
             torch.cuda.synchronize()
             ms.append(round(1e3 * (time.perf_counter() - t0), 1))
-        rows.append({"what": "prefill_new_lengths", "sdpa": label, "ms": ms})
+        rows.append({"what": "prefill_new_lengths", "sdpa": label, "varlen": pb.varlen, "ms": ms})
         print(json.dumps(rows[-1]), flush=True)
     pbm.SDPA_BACKENDS = keep
 

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+from kvbridge.connector.serving.engine import prefill_batch as pbm
 from kvbridge.connector.serving.engine.prefill_batch import PrefillBatcher, _causal_sdpa, _Job
 from kvbridge.connector.serving.model import LlamaModel, ModelConfig, allocate_cache, blocks_needed
 from kvbridge.connector.serving.model.llama import layer_name
@@ -135,6 +136,7 @@ def test_causal_sdpa_of_a_whole_prompt_equals_the_explicit_attention():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen flash attention needs CUDA")
+@pytest.mark.skipif(pbm._VARLEN_CAUSAL is None, reason="this torch's varlen_attn does not fit")
 def test_varlen_forward_equals_one_sdpa_call_per_prompt():
     """CUDA, bf16: the packed forward whose prompts attend in one varlen call per layer
     against the same forward with one SDPA call per prompt (logits and argmax)."""
@@ -150,5 +152,6 @@ def test_varlen_forward_equals_one_sdpa_call_per_prompt():
     for varlen in (False, True):
         batcher.model, batcher.cache, batcher.varlen = model, cache, varlen
         out[varlen] = torch.stack(batcher._forward(plan)).float()
+    assert batcher.varlen  # the varlen call ran (a failure would have turned it off)
     torch.testing.assert_close(out[True], out[False], rtol=2e-2, atol=2e-2)
     assert torch.equal(out[True].argmax(-1), out[False].argmax(-1))

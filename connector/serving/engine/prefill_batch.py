@@ -210,7 +210,7 @@ class PrefillBatcher:
             if varlen:
                 try:
                     attn = varlen_attn(q, k, v, cu, cu, longest, longest, scale=model.scale,
-                                       enable_gqa=True, **_VARLEN_CAUSAL)  # fmt: skip
+                                       **_VARLEN_CAUSAL)  # fmt: skip
                     x = model._mlp_residual(x, attn, i)
                     continue
                 except Exception:  # e.g. no flash kernel for this GPU: one call per prompt
@@ -283,15 +283,25 @@ def _causal_sdpa(
 
 
 def _varlen_causal() -> dict | None:
-    """``varlen_attn``'s causal keyword for this torch (``None``: not usable here)."""
+    """``varlen_attn``'s keywords for causal GQA on this torch (``None``: not usable).
+
+    torch 2.10 spells causal ``is_causal=True``, later ones ``window_size=(-1, 0)``;
+    2.11 takes fewer K/V heads than query heads as they come (checked against SDPA on
+    an H200: bf16 rounding apart, equal), 2.13 asks for ``enable_gqa=True``."""
     if varlen_attn is None:
         return None
     params = inspect.signature(varlen_attn).parameters
-    if "scale" not in params or "enable_gqa" not in params:
+    if "scale" not in params:
         return None
     if "window_size" in params:
-        return {"window_size": (-1, 0)}
-    return {"is_causal": True} if "is_causal" in params else None
+        kw: dict = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        kw = {"is_causal": True}
+    else:
+        return None
+    if "enable_gqa" in params:
+        kw["enable_gqa"] = True
+    return kw
 
 
 _VARLEN_CAUSAL = _varlen_causal()
