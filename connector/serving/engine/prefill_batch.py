@@ -122,7 +122,7 @@ class PrefillBatcher:
             with self._cond:
                 job.abandoned = True
                 self._cond.notify()
-            out = job.future.result()  # None, or the logits if it finished meanwhile
+            out = job.future.result()  # None, or the result if it finished meanwhile
         if out is None:
             return None
         logits, firsts, k = out
@@ -155,6 +155,8 @@ class PrefillBatcher:
                 continue
             try:
                 last = self._forward(plan)
+                ended = [lg for lg in last if lg is not None]
+                firsts, k = (_FirstTokens(ended) if ended else None), 0
                 self.forwards += 1
             except Exception as exc:  # fail this forward's prompts, keep serving
                 with self._cond:
@@ -163,8 +165,6 @@ class PrefillBatcher:
                 for job, _ in plan:
                     job.future.set_exception(exc)
                 continue
-            ended = [lg for lg in last if lg is not None]
-            firsts, k = (_FirstTokens(ended) if ended else None), 0
             for (job, n), logits in zip(plan, last, strict=True):
                 job.done += n
                 if job.done == len(job.tokens):
