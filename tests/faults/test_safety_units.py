@@ -7,6 +7,7 @@ part that is not real).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from types import SimpleNamespace
 
@@ -96,6 +97,22 @@ def test_kv_checksum_is_layout_independent_and_sensitive():
     assert kv_checksum(a, src, n) != kv_checksum(b, dst, n)
     with pytest.raises(ValueError, match="cannot hold"):
         kv_checksum(a, src, 13)
+
+
+@pytest.mark.parametrize("layout", ["nhd", "hnd", "packed"])
+def test_kv_checksum_equals_blake2b_of_each_layer_and_view_in_turn(layout):
+    """The one-copy gather hashes exactly: layer name, then each view's tokens in order."""
+    cache = layouts.allocate(layout, num_layers=3, num_blocks=9, block_size=4, num_kv_heads=2,
+                             head_dim=8, dtype=torch.bfloat16,
+                             generator=torch.Generator().manual_seed(7))  # fmt: skip
+    blocks, n = [8, 2, 5], 11
+    want = hashlib.blake2b(digest_size=16)
+    for name in sorted(cache.layers):
+        want.update(name.encode())
+        for view in cache.layers[name]:
+            tokens = torch.cat([view[b] for b in blocks])[:n]  # (tokens, ...) logical order
+            want.update(tokens.contiguous().view(torch.uint8).numpy().tobytes())
+    assert kv_checksum(cache, blocks, n) == want.hexdigest()
 
 
 def _cfg(**kw) -> SimpleNamespace:

@@ -28,10 +28,20 @@ def kv_checksum(cache: KVCache, block_ids: Sequence[int], num_tokens: int) -> st
     if len(block_ids) * bs < num_tokens:
         raise ValueError(f"{len(block_ids)} blocks of {bs} tokens cannot hold {num_tokens} tokens")
     idx = torch.as_tensor(list(block_ids), dtype=torch.long, device=first.device)
-    for name in sorted(cache.layers):
-        h.update(name.encode())
+    names = sorted(cache.layers)
+    parts = []  # every layer's and view's tokens, gathered on the cache's device
+    for name in names:
         for view in cache.layers[name]:
             x = view.index_select(0, idx)  # (n, bs, ...): a copy, in logical order
             x = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])[:num_tokens].contiguous()
-            h.update(x.view(torch.uint8).cpu().numpy().tobytes())
+            parts.append(x.view(torch.uint8).reshape(-1))
+    # ONE copy to the host: on a GPU each copy waits for all queued work (decode steps)
+    host = torch.cat(parts).cpu().numpy()
+    at, views = 0, iter(parts)
+    for name in names:
+        h.update(name.encode())
+        for _ in cache.layers[name]:
+            n = next(views).numel()
+            h.update(host[at : at + n])
+            at += n
     return h.hexdigest()
