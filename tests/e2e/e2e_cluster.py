@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import grpc
-from kvbridge.connector.serving.procs import free_port
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 
@@ -19,7 +18,7 @@ def daemon_args(backend: str, layout: str, *extra: str) -> list[str]:
     return [
         "--backend", backend, "--kv-layout", layout, "--num-blocks", str(NUM_BLOCKS),
         "--block-size", str(BLOCK_SIZE), "--grpc-port", "0", "--metrics-port", "0",
-        "--side-port", str(free_port()), "--insecure", "--transfer-timeout", "20",
+        "--side-port", "0", "--insecure", "--transfer-timeout", "20",
         "--local-transport", "off", *extra,
     ]  # fmt: skip
 

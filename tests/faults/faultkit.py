@@ -106,7 +106,7 @@ class Pair:
 
     def start_decode(self) -> DaemonProcess:
         _, dl = LAYOUTS[self.backend]
-        args = daemon_args(self.backend, dl, "--side-port", str(free_port()), *self.decode_args)
+        args = daemon_args(self.backend, dl, "--side-port", "0", *self.decode_args)
         args += ["--prefill", f"{self.lab.ns_addr}:{self.grpc_port}"]
         env = {"UCX_TLS": "tcp,self", "UCX_NET_DEVICES": self.lab.host_dev}
         self.decode = DaemonProcess(
@@ -150,7 +150,7 @@ def local_daemon(
 ) -> DaemonProcess:
     """A started daemon on loopback (prefill layout or decode layout of ``backend``)."""
     layout = LAYOUTS[backend][0 if role == "prefill" else 1]
-    args = daemon_args(backend, layout, "--side-port", str(free_port()), *extra)
+    args = daemon_args(backend, layout, "--side-port", "0", *extra)
     if not insecure:
         args.remove("--insecure")
     proc = DaemonProcess(role, args, log_dir, name, client=client).start()

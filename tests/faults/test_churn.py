@@ -49,7 +49,7 @@ def start_all(
     procs = []
     for role, name, extra in specs:
         layout = LAYOUTS[BACKEND][0 if role == "prefill" else 1]
-        args = daemon_args(BACKEND, layout, "--side-port", str(free_port()), *extra)
+        args = daemon_args(BACKEND, layout, "--side-port", "0", *extra)
         procs.append(DaemonProcess(role, args, tmp, name).start())
     for p in procs:
         p.wait_ready(90, service=LIVENESS_SERVICE if p.name in up_only else "")

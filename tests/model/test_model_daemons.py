@@ -35,7 +35,7 @@ def _args(layout: str, block_size: int, *extra: str, blocks: int = 48) -> list[s
     return [
         "--backend", BACKEND, "--kv-layout", layout, "--num-blocks", str(blocks),
         "--block-size", str(block_size), "--grpc-port", "0", "--metrics-port", "0",
-        "--side-port", str(free_port()), "--insecure", "--transfer-timeout", "20", *extra,
+        "--side-port", "0", "--insecure", "--transfer-timeout", "20", *extra,
     ]  # fmt: skip
 
 
