@@ -30,7 +30,7 @@ from kvbridge.connector.serving.daemon.decode_checks import (
     sampling_params,
     verify_kv,
 )
-from kvbridge.connector.serving.daemon.latency import LatencyMetrics, RequestTimer
+from kvbridge.connector.serving.daemon.latency import LatencyMetrics
 from kvbridge.connector.serving.daemon.peer_calls import PeerCalls, PeerRefused, remaining
 from kvbridge.connector.serving.daemon.prefill_pool import PrefillPool
 from kvbridge.connector.serving.daemon.pull import PullError
@@ -134,7 +134,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
             rec.num_blocks = n_local
             timer.admitted()
             info, first = self._prefill_and_pull(
-                rec, tokens, local, context, held, request.verify_kv, timer
+                rec, tokens, local, context, held, request.verify_kv
             )
             rt.registry.transition(request_id, RequestState.DECODING)
             detok = rt.tokenizer.stream()  # text pieces never split a character
@@ -229,7 +229,6 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         context: grpc.ServicerContext,
         held: Held,
         verify: bool = False,
-        timer: RequestTimer | None = None,
     ) -> tuple[pb.TransferInfo, int]:
         """Prefill on the first target that answers, pull its KV; every wait within the
         client's deadline, clean-up calls in the background (``peer_calls``)."""
@@ -259,8 +258,8 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 try:
                     called = time.monotonic()
                     resp = calls.prefill(stub, target, request, context)
-                    if timer is not None:  # the call's wall time, queueing and gRPC included
-                        timer.m.prefill_call.observe(time.monotonic() - called)
+                    # the call's wall time, queueing and gRPC included
+                    self.latency.prefill_call.observe(time.monotonic() - called)
                 except PeerRefused as exc:
                     if exc.code == grpc.StatusCode.UNAVAILABLE:
                         self.pool.mark_down(target)  # tried last until its health is SERVING
