@@ -48,7 +48,7 @@ def test_concurrent_chunked_prefills_equal_single_prefill(model):
     firsts: dict[int, int] = {}
 
     def run(i: int) -> None:
-        got[i], firsts[i] = batcher.prefill_first(prompts[i], blocks[i])
+        got[i], firsts[i] = batcher.prefill(prompts[i], blocks[i])
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -115,7 +115,7 @@ def test_a_caller_that_gives_up_leaves_the_batch_and_its_blocks_untouched(model)
     # the batcher keeps serving: a later prompt equals the model's own prefill
     ref_cache = allocate_cache(model, "nhd", 64, BS, seed=4)
     p = _prompt(9, 3)
-    got = batcher.prefill(p, [62, 63, 50])
+    got = batcher.prefill(p, [62, 63, 50])[0]
     torch.testing.assert_close(got, model.prefill(p, ref_cache, [62, 63, 50]), rtol=1e-5, atol=1e-5)
     with batcher._cond:
         assert batcher._jobs == []

@@ -130,7 +130,7 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
         try:
             t0 = time.perf_counter()
             left = context.time_remaining()  # queue for the model no longer than the caller
-            out = prefill_batcher(rt).prefill_first(  # packed with concurrent prompts
+            out = prefill_batcher(rt).prefill(  # packed with concurrent prompts
                 tokens, blocks, timeout=left, alive=context.is_active
             )
             waiting = out is not None and context.is_active()  # else the caller gave up

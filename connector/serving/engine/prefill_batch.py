@@ -84,18 +84,6 @@ class PrefillBatcher:
         blocks: list[int],
         timeout: float | None = None,
         alive: Callable[[], bool] | None = None,
-    ) -> torch.Tensor | None:
-        """Write the prompt's K/V into ``blocks``; the logits of its last token (``None``:
-        the caller gave up first, see ``prefill_first``)."""
-        out = self.prefill_first(tokens, blocks, timeout, alive)
-        return None if out is None else out[0]
-
-    def prefill_first(
-        self,
-        tokens: list[int],
-        blocks: list[int],
-        timeout: float | None = None,
-        alive: Callable[[], bool] | None = None,
     ) -> tuple[torch.Tensor, int] | None:
         """Write the prompt's K/V into ``blocks``; the logits of its last token and their
         argmax (the greedy first token, read back once per forward for all its prompts:
