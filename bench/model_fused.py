@@ -90,6 +90,14 @@ def steps(models: dict, rows: list) -> None:
             print(json.dumps(rows[-1]), flush=True)
 
 
+def _forward_only(model, cache, varlen: bool) -> PrefillBatcher:
+    """A batcher without its thread: only ``_forward`` is called (``varlen``: one varlen
+    call per layer when every chunk starts its prompt)."""
+    pb = PrefillBatcher.__new__(PrefillBatcher)
+    pb.model, pb.cache, pb.varlen = model, cache, varlen
+    return pb
+
+
 def varlen_vs_sdpa(model, cache, rng: random.Random, rows: list) -> None:
     """The same packed forward (prompts of different lengths) with one varlen call per
     layer and with one SDPA call per prompt: last-token logits and their argmax."""
@@ -102,8 +110,7 @@ def varlen_vs_sdpa(model, cache, rng: random.Random, rows: list) -> None:
         nxt += need
     out = {}
     for varlen in (False, True):
-        pb = PrefillBatcher.__new__(PrefillBatcher)
-        pb.model, pb.cache, pb.varlen = model, cache, varlen
+        pb = _forward_only(model, cache, varlen)
         out[varlen] = torch.stack(pb._forward(plan)).float()
     a, b = out[False], out[True]
     rows.append({"what": "prefill_varlen_vs_sdpa", "prompts": len(lens),
@@ -120,8 +127,7 @@ def prefills(models: dict, rows: list) -> None:
     runs = [(name, model, False) for name, model in models.items()]
     runs.append(("fused+varlen", models["fused"], True))
     for name, model, varlen in runs:
-        pb = PrefillBatcher.__new__(PrefillBatcher)  # the forward only, no thread
-        pb.model, pb.cache, pb.varlen = model, cache, varlen
+        pb = _forward_only(model, cache, varlen)
         for nprompt, plen in ((16, 256), (1, 256), (4, 1024)):
             need = -(-plen // BLOCK_SIZE)
             plan = [
@@ -153,8 +159,7 @@ def prefills(models: dict, rows: list) -> None:
         ("varlen", keep, True),
     ):
         pbm.SDPA_BACKENDS = backends
-        pb = PrefillBatcher.__new__(PrefillBatcher)
-        pb.model, pb.cache, pb.varlen = models["fused"], cache, varlen
+        pb = _forward_only(models["fused"], cache, varlen)
         ms = []
         for length in range(201, 301, 10):  # a new prompt length each time
             plan = [(_Job([rng.randrange(32000) for _ in range(length)], list(range(20))), length)]
