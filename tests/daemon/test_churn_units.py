@@ -19,7 +19,7 @@ from kvbridge.connector.serving.daemon.leases import (
     LeaseRevokedError,
     LeaseTable,
 )
-from kvbridge.connector.serving.daemon.pull import probe
+from kvbridge.connector.serving.daemon.pull import Puller, PullError, probe
 from kvbridge.connector.serving.daemon.status import none_answered, peer_code, peer_failure
 from kvbridge.connector.transfer.errors import PeerUnreachableError
 
@@ -123,3 +123,26 @@ def test_default_engine_name_is_new_at_every_start_and_stable_within_one():
     assert re.fullmatch(r"prefill-.+-\d+-[0-9a-f]{6}", a.name), a.name
     assert DaemonConfig(role="prefill", engine_name="x").name == "x"
     assert worker_count(a.max_requests) > a.max_requests  # workers kept for control calls
+
+
+class _Agent:
+    """Stand-in transfer agent: no peer yet, records disconnects."""
+
+    def __init__(self) -> None:
+        self.peers: dict = {}
+        self.disconnected: list[str] = []
+
+    def disconnect(self, name: str) -> None:
+        self.disconnected.append(name)
+
+
+def test_a_wait_for_another_handshake_that_times_out_drops_no_peer():
+    """Timing out behind another request's handshake is retryable and leaves the peer
+    that handshake makes alone (dropping it failed pulls posting to it: unknown peer)."""
+    agent = _Agent()
+    puller = Puller(agent, logging.getLogger("test"))
+    busy = pytest.raises(PullError, match="another handshake did not finish")
+    with puller._connect_lock, busy as err:  # another request is handshaking
+        puller.connect("prefill-0", "127.0.0.1:1", 0.01)
+    assert err.value.retryable and not err.value.posted
+    assert agent.disconnected == []

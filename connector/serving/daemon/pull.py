@@ -65,6 +65,10 @@ def current(peer, side_address: str, instance: str) -> bool:
     return not side_address or not peer.side_channel or peer.side_channel == side_address
 
 
+class HandshakeBusyError(PeerUnreachableError):
+    """Another request's handshake with the peer did not end within our timeout."""
+
+
 class PullError(Exception):
     """A pull failed. ``quiet()`` says whether the engine is done with the blocks.
 
@@ -134,6 +138,9 @@ class Puller:
         ``PullError`` (nothing posted) when that fails."""
         try:
             return self._peer(engine, side_address, timeout, instance)
+        except HandshakeBusyError as exc:  # waited for another request's handshake:
+            # nothing of ours failed, and the peer it made (maybe in use) must stay
+            raise PullError(f"PeerUnreachableError: {exc}", retryable=True, posted=False) from None
         except IncompatiblePeerError as exc:
             raise PullError(f"{type(exc).__name__}: {exc}", permanent=True, posted=False) from None
         except (TransferError, OSError) as exc:
@@ -152,7 +159,7 @@ class Puller:
             return peer, 0.0
         t0 = time.perf_counter()
         if not self._connect_lock.acquire(timeout=max(timeout, 0.0)):
-            raise PeerUnreachableError(
+            raise HandshakeBusyError(
                 f"handshake with {engine} at {side_address}: another handshake did not "
                 f"finish within {timeout:.3g} s"
             )
