@@ -317,6 +317,8 @@ def main() -> int:
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--stream-interval", type=int, default=1, help="the decode daemon's "
                     "--stream-interval (tokens per stream message)")  # fmt: skip
+    ap.add_argument("--prefill-chunk", type=int, default=0, help="the prefill daemon's "
+                    "--prefill-chunk-tokens (0: its default)")  # fmt: skip
     ap.add_argument("--no-baseline", action="store_true", help="skip transformers generate")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ap.add_argument("--log-dir", default=None, help="the daemons' logs (default: a temp dir)")
@@ -353,7 +355,8 @@ def main() -> int:
               "--log-level", args.log_level, *model_args(mcfg)]  # fmt: skip
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="kvbridge-serve-"))
     prefill = DaemonProcess("prefill", [*common, "--side-port", str(free_port()),
-                            "--kv-layout", "packed"], log_dir, name="prefill")  # fmt: skip
+                            "--kv-layout", "packed", "--prefill-chunk-tokens",
+                            str(args.prefill_chunk)], log_dir, name="prefill")  # fmt: skip
     extra = ["--no-cuda-graphs"] if args.no_cuda_graphs else []
     extra += ["--stream-interval", str(args.stream_interval)]
     rng = random.Random(0)
@@ -423,7 +426,8 @@ def main() -> int:
             "model": mcfg.to_dict(), "prompt_len": args.prompt_len, "max_new": args.max_new,
             "python": platform.python_version(), "torch": torch.__version__,
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "backend": args.backend, "stream_interval": args.stream_interval}  # fmt: skip
+            "backend": args.backend, "stream_interval": args.stream_interval,
+            "prefill_chunk": args.prefill_chunk}  # fmt: skip
     if args.out:
         Path(args.out).write_text(
             json.dumps({"meta": meta, "graph_check": graphs, "rows": rows}, indent=1) + "\n"

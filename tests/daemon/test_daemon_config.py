@@ -180,3 +180,13 @@ def test_stream_interval_flag():
             resolve_config("decode", {}, {"KVBRIDGE_STREAM_INTERVAL": bad})
     with pytest.raises(SystemExit):  # a decode-only flag
         _args(["prefill", "--stream-interval", "2"])
+
+
+def test_prefill_chunk_tokens_flag():
+    assert resolve_config("prefill", _args(["prefill"]), environ={}).prefill_chunk_tokens == 0
+    cfg = resolve_config("prefill", _args(["prefill", "--prefill-chunk-tokens", "1024"]), {})
+    assert cfg.prefill_chunk_tokens == 1024
+    with pytest.raises(ConfigError, match="--prefill-chunk-tokens"):
+        resolve_config("prefill", {}, {"KVBRIDGE_PREFILL_CHUNK_TOKENS": "-1"})
+    with pytest.raises(SystemExit):  # a prefill-only flag
+        _args(["decode", "--prefill-chunk-tokens", "2"])

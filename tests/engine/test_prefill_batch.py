@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -88,6 +89,18 @@ def test_short_prompt_is_not_stalled_by_a_long_one(model):
     t_short.join(60)
     t_long.join(60)
     assert order == ["short", "long"]
+
+
+def test_the_daemon_batcher_takes_its_chunk_from_the_config(model):
+    """``--prefill-chunk-tokens`` sizes the daemon's forwards; 0 keeps the device default."""
+    for given, want in ((6, 6), (0, pbm.CHUNK_TOKENS)):
+        cfg = SimpleNamespace(prefill_chunk_tokens=given, max_batch=5)
+        rt = SimpleNamespace(model=model, cache=allocate_cache(model, "nhd", 4, BS), cfg=cfg)
+        batcher = pbm.prefill_batcher(rt)
+        assert (batcher.chunk_tokens, batcher.max_prompts) == (want, 5)
+        assert pbm.prefill_batcher(rt) is batcher  # one per runtime
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        PrefillBatcher(model, rt.cache, chunk_tokens=0)
 
 
 def test_bad_blocks_are_refused(model):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from pathlib import Path
 
 import grpc
@@ -314,3 +315,20 @@ def test_request_timer_observes_tokens_transfers_and_outcomes():
     got = {r: value("kvbridge_request_finished_total", finish_reason=r)
            for r in ("stop", "length", "abort", "error")}  # fmt: skip
     assert got == {"stop": 0, "length": 1, "abort": 2, "error": 2}
+
+
+def test_first_token_timeline_logs_each_phase_in_order(caplog):
+    import logging
+
+    from kvbridge.connector.serving.daemon.latency import log_timeline
+    from kvbridge.connector.serving.daemon.states import RequestRecord
+
+    rec = RequestRecord("r1")
+    rec.created = t0 = time.monotonic() - 3.0
+    rec.marks.update(admitted=t0 + 0.5, prefilled=t0 + 2.0, pulled=t0 + 2.25)  # no checksum
+    with caplog.at_level(logging.INFO, logger="tl"):
+        log_timeline(logging.getLogger("tl"), rec)
+    (r,) = caplog.records
+    assert r.getMessage() == "first token" and r.request_id == "r1"
+    assert (r.to_admitted_s, r.to_prefilled_s, r.to_pulled_s) == (0.5, 1.5, 0.25)
+    assert not hasattr(r, "to_verified_s") and 0.75 <= r.to_first_token_s < 60

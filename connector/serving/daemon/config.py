@@ -260,6 +260,13 @@ FLAGS: tuple[Flag, ...] = (
         roles=("decode",),
     ),
     Flag(
+        "prefill-chunk-tokens",
+        int,
+        "tokens of all prompts together in one prefill forward, as vLLM's "
+        "--max-num-batched-tokens (0: 4096 on CUDA, 512 on CPU)",
+        roles=("prefill",),
+    ),
+    Flag(
         "prefill",
         _target,
         "prefill daemons: HOST:PORT, dns:///NAME:PORT (every address it resolves to, "
@@ -338,6 +345,7 @@ class DaemonConfig:
     max_waiting: int = 256
     cuda_graphs: bool = True
     stream_interval: int = 1
+    prefill_chunk_tokens: int = 0
 
     def model_config(self) -> ModelConfig:
         """The model of these sizes (fields ``ModelConfig`` shares; its own defaults else)."""
@@ -441,6 +449,10 @@ def resolve_config(
         raise ConfigError(f"--pull-retries must lie in [0, 10], got {cfg.pull_retries}")
     if cfg.stream_interval > 1024:
         raise ConfigError(f"--stream-interval must be at most 1024, got {cfg.stream_interval}")
+    if not 0 <= cfg.prefill_chunk_tokens <= 1 << 20:
+        raise ConfigError(
+            f"--prefill-chunk-tokens must lie in [0, 2**20], got {cfg.prefill_chunk_tokens}"
+        )
     if not 0 <= cfg.max_waiting <= 1 << 20:
         raise ConfigError(f"--max-waiting must lie in [0, 2**20], got {cfg.max_waiting}")
     if cfg.max_batch > 4096:

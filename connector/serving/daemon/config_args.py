@@ -18,7 +18,14 @@ FLAG_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("HTTP API (decode)", ("http-port", "served-model-name")),
     (
         "batching and admission",
-        ("max-batch", "max-waiting", "max-requests", "cuda-graphs", "stream-interval"),
+        (
+            "max-batch",
+            "max-waiting",
+            "max-requests",
+            "cuda-graphs",
+            "stream-interval",
+            "prefill-chunk-tokens",
+        ),
     ),
     ("prefill peers (decode)", ("prefill", "prefill-policy", "pull-retries")),
     (

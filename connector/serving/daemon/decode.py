@@ -30,7 +30,7 @@ from kvbridge.connector.serving.daemon.decode_checks import (
     sampling_params,
     verify_kv,
 )
-from kvbridge.connector.serving.daemon.latency import LatencyMetrics
+from kvbridge.connector.serving.daemon.latency import LatencyMetrics, log_timeline
 from kvbridge.connector.serving.daemon.peer_calls import PeerCalls, PeerRefused, remaining
 from kvbridge.connector.serving.daemon.prefill_pool import PrefillPool
 from kvbridge.connector.serving.daemon.pull import PullError
@@ -133,6 +133,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
             local = self._admit(request_id, n_local, context)
             rec.num_blocks = n_local
             timer.admitted()
+            rec.marks["admitted"] = time.monotonic()
             info, first = self._prefill_and_pull(
                 rec, tokens, local, context, held, request.verify_kv
             )
@@ -145,6 +146,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                 transfer=info,
             )
             timer.observe(msg)
+            log_timeline(rt.log, rec)
             yield msg
             rec.num_generated_tokens = 1
             rt.count_event("tokens_generated")
@@ -265,14 +267,16 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                         self.pool.mark_down(target)  # tried last until its health is SERVING
                     refused.append((target, exc))
                     continue
-                received = time.monotonic()
+                received = rec.marks["prefilled"] = time.monotonic()
                 rt.registry.transition(rec.request_id, RequestState.TRANSFERRING)
                 try:
                     info = self._pull(
                         rec, resp.handle, local, received, target, context, held, stub
                     )
+                    rec.marks["pulled"] = time.monotonic()
                     if verify:
                         info.kv_checksum = verify_kv(self.rt, rec.request_id, resp.handle, local)
+                        rec.marks["verified"] = time.monotonic()
                 except BaseException:
                     # fail the request now; the lease ends on this Release or on expiry
                     calls.release(stub, resp.handle.request_id, "pull failed")

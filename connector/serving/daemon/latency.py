@@ -119,3 +119,19 @@ class RequestTimer:
         self._done = True
         self.m.e2e.observe(time.monotonic() - self.t0)
         self.m.finished[self.reason or "error"].inc()
+
+
+TIMELINE = ("admitted", "prefilled", "pulled", "verified")  # the marks, in order
+
+
+def log_timeline(log, rec) -> None:
+    """Log (info) where a request's time to first token went: seconds from its arrival
+    to each of ``rec.marks`` in turn (queue, Prefill call, pull, checksum), then to now."""
+    last, out = rec.created, {}
+    for name in TIMELINE:
+        t = rec.marks.get(name)
+        if t is not None:
+            out[f"to_{name}_s"] = round(t - last, 6)
+            last = t
+    out["to_first_token_s"] = round(time.monotonic() - last, 6)
+    log.info("first token", extra={"request_id": rec.request_id, **out})

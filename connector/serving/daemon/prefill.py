@@ -88,6 +88,7 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
         self, request: pb.PrefillRequest, context: grpc.ServicerContext
     ) -> pb.PrefillResponse:
         rt, cfg = self.rt, self.rt.cfg
+        arrived = time.perf_counter()
         request_id = request.request_id or uuid.uuid4().hex
         check_request_id(request_id, context, 2 * MAX_REQUEST_ID)  # decode prefixes its name
         check_request_id(request.requester, context, MAX_REQUEST_ID, "requester")
@@ -164,7 +165,9 @@ class PrefillServicer(pb_grpc.KVBridgeServiceServicer):
                 "request_id": request_id,
                 "tokens": len(tokens),
                 "blocks": n,
-                "seconds": round(seconds, 6),
+                "seconds": round(seconds, 6),  # in the batcher: queue and forwards
+                "allocate_s": round(t0 - arrived, 6),  # from the handler's start
+                "handler_s": round(time.perf_counter() - arrived, 6),
             },
         )
         return pb.PrefillResponse(

@@ -67,6 +67,8 @@ class RequestRecord:
     error: str = ""
     created: float = field(default_factory=time.monotonic)
     history: list[RequestState] = field(default_factory=lambda: [RequestState.WAITING])
+    # monotonic time of named steps after ``created`` (the decode daemon's timeline)
+    marks: dict[str, float] = field(default_factory=dict)
 
 
 class RequestRegistry:

@@ -64,6 +64,8 @@ class PrefillBatcher:
         self.model, self.cache = model, cache
         if chunk_tokens is None:
             chunk_tokens = CHUNK_TOKENS_CUDA if model.device.type == "cuda" else CHUNK_TOKENS
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
         self.chunk_tokens, self.max_prompts = chunk_tokens, max_prompts
         self.forwards = 0
         # CUDA, half precision: the prompts' first chunks attend in ONE varlen call per
@@ -301,6 +303,11 @@ def prefill_batcher(rt) -> PrefillBatcher:
     with _LOCK:
         batcher = getattr(rt, "prefill_batcher", None)
         if batcher is None:
-            batcher = PrefillBatcher(rt.model, rt.cache, max_prompts=rt.cfg.max_batch)
+            batcher = PrefillBatcher(
+                rt.model,
+                rt.cache,
+                chunk_tokens=rt.cfg.prefill_chunk_tokens or None,
+                max_prompts=rt.cfg.max_batch,
+            )
             rt.prefill_batcher = batcher
         return batcher
