@@ -27,6 +27,11 @@ Same arguments, masks, positions (T > 1 causal, window) and output contract as
 partial outputs and log-sum-exps for its stage 2). Requires sm_90 (wgmma), 16-bit
 q and a cache of the same dtype, or a float8_e4m3fn cache (``KV8``), 8 warps.
 
+``mla_decode_hopper_x`` takes schedule options besides (``ONE_ID``, ``PV_WAIT``,
+``P_SMEM``, ``LAZY_L``: ``TritonConfig.one_id`` etc.); ``triton_config.gluon_mla_config``
+turns on ``ONE_ID`` + ``P_SMEM`` for 16-bit latents and ``ONE_ID`` for fp8 ones, and
+``mla_decode_hopper`` is the kernel with all of them off.
+
 fp8 latent (``KV8``): the ring holds fp8 pages (half the bytes per key, so 32-key
 tiles fit 4 deep); each landed tile is widened to q's dtype into one of two
 shared-memory tiles that both MMAs read (the other one may still be under the
@@ -59,6 +64,12 @@ def _load_ids(bt_row, n0, lo, end, PAGE: gl.constexpr, BLOCK_N: gl.constexpr, L:
 
 
 @gluon.jit
+def _tile_id(bt_row, n0, end, PAGE: gl.constexpr):
+    """The block id of the tile at key ``n0`` (one block holds the tile), -1 past ``end``."""
+    return gl.load(bt_row + n0 // PAGE, mask=n0 < end, other=-1)
+
+
+@gluon.jit
 def _issue_tile(ka_buf, kt_buf, k_head, pg_a, pg_t, n0, num_blocks, stride_kb, stride_kt,
                 PAGE: gl.constexpr, DA: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr,
                 LD_A: gl.constexpr, LD_T: gl.constexpr):  # fmt: skip
@@ -82,6 +93,28 @@ def _issue_tile(ka_buf, kt_buf, k_head, pg_a, pg_t, n0, num_blocks, stride_kb, s
     cp.commit_group()
 
 
+@gluon.jit
+def _issue_tile1(ka_buf, kt_buf, k_head, pg, n0, lo, end, num_blocks, stride_kb, stride_kt,
+                 PAGE: gl.constexpr, DA: gl.constexpr, DT: gl.constexpr, BLOCK_N: gl.constexpr,
+                 LD_A: gl.constexpr, LD_T: gl.constexpr):  # fmt: skip
+    """``_issue_tile`` for a tile inside one block (``ONE_ID``): one scalar block id ``pg``,
+    one scalar base address; rows outside [lo, end) or on an invalid id are zero-filled
+    (``stride_kt`` may be a constexpr: then the row offsets are constants)."""
+    okb = (pg >= 0) & (pg < num_blocks)
+    base = k_head + gl.where(okb, pg, 0).to(gl.int64) * stride_kb + (n0 % PAGE) * stride_kt
+    ra = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LD_A))
+    ok_a = (n0 + ra < end) & (n0 + ra >= lo) & okb
+    cols_a = gl.arange(0, DA, layout=gl.SliceLayout(0, LD_A))
+    cp.async_copy_global_to_shared(ka_buf, base + (ra * stride_kt)[:, None] + cols_a[None, :],
+                                   mask=ok_a[:, None])  # fmt: skip
+    rt = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LD_T))
+    ok_t = (n0 + rt < end) & (n0 + rt >= lo) & okb
+    cols_t = DA + gl.arange(0, DT, layout=gl.SliceLayout(0, LD_T))
+    cp.async_copy_global_to_shared(kt_buf, base + (rt * stride_kt)[:, None] + cols_t[None, :],
+                                   mask=ok_t[:, None])  # fmt: skip
+    cp.commit_group()
+
+
 @gluon.jit(do_not_specialize=_DYNAMIC)
 def mla_decode_hopper(
     q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, o_ptr, lse_ptr, ks_ptr, vs_ptr, out_ptr, sem_ptr,
@@ -99,8 +132,48 @@ def mla_decode_hopper(
     UPCAST: gl.constexpr, FUSED: gl.constexpr, NUM_STAGES: gl.constexpr, DUP_S: gl.constexpr,
     KV8: gl.constexpr, PV_OVERLAP: gl.constexpr,
 ):  # fmt: skip
+    """``mla_decode_hopper_x`` with every option off (the schedule before 2026-12-03)."""
+    mla_decode_hopper_x(
+        q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, o_ptr, lse_ptr, ks_ptr, vs_ptr, out_ptr, sem_ptr,
+        qk_scale, k_scale, v_scale,
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh, stride_btb,
+        stride_ob, stride_ot, stride_oh, stride_os, stride_lb, stride_lt, stride_lh,
+        stride_fb, stride_ft, stride_fh, num_blocks, max_pages, tokens_per_split, group, n_tok,
+        window, PAGE, HEAD_TILES, DV_TILES, DA, DT, DV, BLOCK_DA, BLOCK_DT, BLOCK_DV, BLOCK_H,
+        BLOCK_N, V_SHARED, DIRECT, K_SCALE_PTR, V_SCALE_PTR, CAUSAL, WINDOW, PRECISION, UPCAST,
+        FUSED, NUM_STAGES, DUP_S, KV8, PV_OVERLAP,
+        False, False, False, False,
+    )  # fmt: skip
+
+
+@gluon.jit(do_not_specialize=_DYNAMIC)
+def mla_decode_hopper_x(
+    q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, o_ptr, lse_ptr, ks_ptr, vs_ptr, out_ptr, sem_ptr,
+    qk_scale, k_scale, v_scale,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh, stride_btb,
+    stride_ob, stride_ot, stride_oh, stride_os, stride_lb, stride_lt, stride_lh,
+    stride_fb, stride_ft, stride_fh, num_blocks, max_pages, tokens_per_split, group, n_tok, window,
+    PAGE: gl.constexpr, HEAD_TILES: gl.constexpr, DV_TILES: gl.constexpr,
+    DA: gl.constexpr, DT: gl.constexpr, DV: gl.constexpr,
+    BLOCK_DA: gl.constexpr, BLOCK_DT: gl.constexpr, BLOCK_DV: gl.constexpr,
+    BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, V_SHARED: gl.constexpr,
+    DIRECT: gl.constexpr, K_SCALE_PTR: gl.constexpr, V_SCALE_PTR: gl.constexpr,
+    CAUSAL: gl.constexpr, WINDOW: gl.constexpr, PRECISION: gl.constexpr,
+    UPCAST: gl.constexpr, FUSED: gl.constexpr, NUM_STAGES: gl.constexpr, DUP_S: gl.constexpr,
+    KV8: gl.constexpr, PV_OVERLAP: gl.constexpr,
+    ONE_ID: gl.constexpr, PV_WAIT: gl.constexpr, P_SMEM: gl.constexpr, LAZY_L: gl.constexpr,
+):  # fmt: skip
+    """The kernel, with schedule options (bench/decode_mla_sweep.py times them):
+    ONE_ID: one scalar block id per tile (needs PAGE % BLOCK_N == 0), fewer registers;
+    PV_WAIT: P V retires at the end of its own iteration (no wgmma in flight over the
+    loop's back edge: without dup scores ptxas then keeps the wgmma pipelined, C7515);
+    P_SMEM: P reaches the P V MMA through shared memory (needs PV_WAIT);
+    LAZY_L: row sums kept per element, reduced once after the walk."""
     gl.static_assert(BLOCK_H == 64)
     gl.static_assert(not FUSED)  # several splits: the portable stage 2 merges them
+    gl.static_assert(not ONE_ID or PAGE % BLOCK_N == 0)  # one block holds each tile
     gl.static_assert(DA == DV)
     # -- layouts (8 warps: two warpgroups) --
     if DUP_S:  # both warpgroups compute all of S: row reductions stay inside a warp
@@ -179,14 +252,23 @@ def mla_decode_hopper(
     SL_T: gl.constexpr = gl.SliceLayout(1, LD_T)
     for s in gl.static_range(NUM_STAGES - 1):  # prologue: the first tiles in flight
         n_s = start + s * BLOCK_N
-        _issue_tile(ka_ring.index(s), kt_ring.index(s), k_head,
-                    _load_ids(bt_row, n_s, lo, end, PAGE, BLOCK_N, SL_A),
-                    _load_ids(bt_row, n_s, lo, end, PAGE, BLOCK_N, SL_T), n_s, num_blocks,
-                    stride_kb, stride_kt, PAGE, DA, DT, BLOCK_N, LD_A, LD_T)  # fmt: skip
+        if ONE_ID:
+            _issue_tile1(ka_ring.index(s), kt_ring.index(s), k_head,
+                         _tile_id(bt_row, n_s, end, PAGE), n_s, lo, end, num_blocks, stride_kb,
+                         stride_kt, PAGE, DA, DT, BLOCK_N, LD_A, LD_T)  # fmt: skip
+        else:
+            _issue_tile(ka_ring.index(s), kt_ring.index(s), k_head,
+                        _load_ids(bt_row, n_s, lo, end, PAGE, BLOCK_N, SL_A),
+                        _load_ids(bt_row, n_s, lo, end, PAGE, BLOCK_N, SL_T), n_s, num_blocks,
+                        stride_kb, stride_kt, PAGE, DA, DT, BLOCK_N, LD_A, LD_T)  # fmt: skip
     # block ids of the next tile to fetch, loaded one iteration ahead of their use
     n_s = start + (NUM_STAGES - 1) * BLOCK_N
-    ids_a = _load_ids(bt_row, n_s, lo, end, PAGE, BLOCK_N, SL_A)
-    ids_t = _load_ids(bt_row, n_s, lo, end, PAGE, BLOCK_N, SL_T)
+    if ONE_ID:
+        ids_a = _tile_id(bt_row, n_s, end, PAGE)
+        ids_t = ids_a
+    else:
+        ids_a = _load_ids(bt_row, n_s, lo, end, PAGE, BLOCK_N, SL_A)
+        ids_t = _load_ids(bt_row, n_s, lo, end, PAGE, BLOCK_N, SL_T)
 
     if K_SCALE_PTR:  # noqa: SIM108
         qk_scale = qk_scale * gl.load(ks_ptr).to(gl.float32)
@@ -197,14 +279,28 @@ def mla_decode_hopper(
     pos = seq_len - n_tok + (rows_s // group).to(gl.int64)  # each row's own position
     m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, ROW_S)
     l_i = gl.full([BLOCK_H], 0.0, gl.float32, ROW_S)
-    acc = warpgroup_mma_init(gl.zeros([BLOCK_H, DV], gl.float32, O_L))  # an async accumulator
+    if PV_WAIT:  # retired in its own iteration: a plain tensor
+        acc = gl.zeros([BLOCK_H, DV], gl.float32, O_L)
+    else:
+        acc = warpgroup_mma_init(gl.zeros([BLOCK_H, DV], gl.float32, O_L))  # an async accumulator
     s_zero = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, S_L)
+    if LAZY_L:
+        l_2d = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, S_L)
+    if P_SMEM:
+        gl.static_assert(PV_WAIT)  # P of tile i is overwritten after every P V of i-1 retired
+        if BLOCK_N >= 64:
+            SH_P: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
+                                                      rank=2)  # fmt: skip
+        else:
+            SH_P: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=BLOCK_N * 2,
+                                                      element_bitwidth=16, rank=2)  # fmt: skip
+        p_smem = gl.allocate_shared_memory(cdt, [BLOCK_H, BLOCK_N], SH_P)
     for i in range(n_iter):
         slot = i % NUM_STAGES
         n0 = start + i * BLOCK_N
         offs_n = n0 + gl.arange(0, BLOCK_N, layout=COL_S)
         seen = (offs_n < end) & (offs_n >= lo)
-        if DUP_S and PAGE % BLOCK_N == 0:  # the tile lies in one block: one id says if it exists
+        if (DUP_S or ONE_ID) and PAGE % BLOCK_N == 0:  # the tile lies in one block: one id
             pg1 = gl.load(bt_row + n0 // PAGE)
             seen = seen & (pg1 >= 0) & (pg1 < num_blocks)
         else:
@@ -224,22 +320,28 @@ def mla_decode_hopper(
         else:
             ka = ka_ring.index(slot)
             kt = kt_ring.index(slot)
-        if not PV_OVERLAP:  # P V of tile i-1 retires before the scores' MMAs are issued:
-            # one in flight across them makes ptxas serialise every wgmma (C7514)
+        if not PV_OVERLAP and not PV_WAIT:  # P V of tile i-1 retires before the scores'
+            # MMAs are issued: one in flight across them makes ptxas serialise every wgmma (C7514)
             acc = warpgroup_mma_wait(0, deps=(acc,))
         s_tok = warpgroup_mma(qa_smem, ka.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s_tok = warpgroup_mma(qt_smem, kt.permute((1, 0)), s_tok, is_async=True)
         # groups in flight: (PV_OVERLAP: P V of tile i-1, then) the two Q K^T of tile i;
         # once P V retires, tile i-1's slot is free: fetch tile i + NUM_STAGES - 1 into it
         # while the scores are still being computed
-        if PV_OVERLAP:
+        if PV_OVERLAP and not PV_WAIT:
             acc = warpgroup_mma_wait(2, deps=(acc,))
         nxt = i + NUM_STAGES - 1
-        _issue_tile(ka_ring.index(nxt % NUM_STAGES), kt_ring.index(nxt % NUM_STAGES), k_head,
-                    ids_a, ids_t, start + nxt * BLOCK_N, num_blocks, stride_kb, stride_kt,
-                    PAGE, DA, DT, BLOCK_N, LD_A, LD_T)  # fmt: skip
-        ids_a = _load_ids(bt_row, start + (nxt + 1) * BLOCK_N, lo, end, PAGE, BLOCK_N, SL_A)
-        ids_t = _load_ids(bt_row, start + (nxt + 1) * BLOCK_N, lo, end, PAGE, BLOCK_N, SL_T)
+        if ONE_ID:
+            _issue_tile1(ka_ring.index(nxt % NUM_STAGES), kt_ring.index(nxt % NUM_STAGES), k_head,
+                         ids_a, start + nxt * BLOCK_N, lo, end, num_blocks, stride_kb, stride_kt,
+                         PAGE, DA, DT, BLOCK_N, LD_A, LD_T)  # fmt: skip
+            ids_a = _tile_id(bt_row, start + (nxt + 1) * BLOCK_N, end, PAGE)
+        else:
+            _issue_tile(ka_ring.index(nxt % NUM_STAGES), kt_ring.index(nxt % NUM_STAGES), k_head,
+                        ids_a, ids_t, start + nxt * BLOCK_N, num_blocks, stride_kb, stride_kt,
+                        PAGE, DA, DT, BLOCK_N, LD_A, LD_T)  # fmt: skip
+            ids_a = _load_ids(bt_row, start + (nxt + 1) * BLOCK_N, lo, end, PAGE, BLOCK_N, SL_A)
+            ids_t = _load_ids(bt_row, start + (nxt + 1) * BLOCK_N, lo, end, PAGE, BLOCK_N, SL_T)
         qk = warpgroup_mma_wait(0, deps=(s_tok,))
         ok = gl.expand_dims(seen, 0)
         if CAUSAL:
@@ -251,13 +353,27 @@ def mla_decode_hopper(
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
         p = gl.exp2(qk - m_safe[:, None])
         alpha = gl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + gl.sum(p, 1)
+        if LAZY_L:
+            l_2d = l_2d * alpha[:, None] + p
+        else:
+            l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
         acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
-        p_op = gl.convert_layout(p.to(cdt), P_L)
-        acc = warpgroup_mma(p_op, ka, acc, is_async=True)
-    acc = warpgroup_mma_wait(0, deps=(acc,))
+        if P_SMEM:
+            p_smem.store(p.to(cdt))
+            fence_async_shared()
+            _cta_barrier()
+            acc = warpgroup_mma(p_smem, ka, acc, is_async=True)
+        else:
+            p_op = gl.convert_layout(p.to(cdt), P_L)
+            acc = warpgroup_mma(p_op, ka, acc, is_async=True)
+        if PV_WAIT:
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+    if not PV_WAIT:
+        acc = warpgroup_mma_wait(0, deps=(acc,))
     cp.wait_group(0)
+    if LAZY_L:
+        l_i = gl.sum(l_2d, 1)
 
     if V_SCALE_PTR:  # noqa: SIM108
         vs = gl.load(vs_ptr).to(gl.float32)

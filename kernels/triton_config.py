@@ -39,6 +39,13 @@ class TritonConfig:
     kernel: str = "triton"  # "triton": the portable kernel; "gluon": the Hopper MLA kernel
     dup_scores: bool = False  # gluon: both warpgroups compute all of S (warp-local softmax)
     pv_overlap: bool = False  # gluon: P V in flight under the next scores' MMAs (C7514)
+    # gluon (mla_decode_hopper_x when any is on; gluon_mla_config picks): one block id per
+    # tile (block_size a multiple of block_n), P V retired in its own iteration, P through
+    # shared memory (implies pv_wait), row sums reduced once after the walk
+    one_id: bool = False
+    pv_wait: bool = False
+    p_smem: bool = False
+    lazy_l: bool = False
     fuse_reduce: bool = True  # portable kernel: the last split merges (no stage-2 launch)
 
 
@@ -57,17 +64,19 @@ def default_config(p: DecodeProblem) -> TritonConfig:
 
 
 def gluon_mla_config(p: DecodeProblem) -> TritonConfig:
-    """The Hopper MLA kernel (gluon_mla.py): 64 query rows x 64-key latent tiles, two
-    tiles in a cp.async ring (``num_stages``), two warpgroups; an fp8 latent: 32-key
-    tiles, 4 in the ring (plus the two widened tiles). One query token per sequence:
-    both warpgroups compute all the scores (``dup_scores``: 0.260 vs 0.300 ms for
-    mla-b64-s4096 bf16 on an H200; slower with several tokens)."""
-    dup = p.tokens == 1
+    """The Hopper MLA kernel (gluon_mla.py): 64 query rows, two warpgroups. bf16: 64-key
+    latent tiles, two in a cp.async ring (``num_stages``), one block id per tile
+    (``one_id``), P handed to the P V MMA through shared memory (``p_smem``): 0.208 ms
+    for mla-b64-s4096 on an H200 against 0.259 ms with both warpgroups computing all the
+    scores (``dup_scores``, the former choice) and 0.300 ms with neither
+    (bench/decode_mla_sweep.py). An fp8 latent: 32-key tiles, 4 in the ring (plus the
+    two widened tiles), ``one_id``, and for one query token ``dup_scores`` (0.357
+    against 0.388 ms)."""
     if p.kv_dtype == torch.float8_e4m3fn:
         return TritonConfig(block_n=32, block_h=64, num_warps=8, num_stages=4, kernel="gluon",
-                            dup_scores=dup)  # fmt: skip
+                            dup_scores=p.tokens == 1, one_id=True)  # fmt: skip
     return TritonConfig(block_n=64, block_h=64, num_warps=8, num_stages=2, kernel="gluon",
-                        dup_scores=dup)  # fmt: skip
+                        one_id=True, p_smem=True)  # fmt: skip
 
 
 @lru_cache(maxsize=16)
