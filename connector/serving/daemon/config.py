@@ -449,12 +449,10 @@ def resolve_config(
         raise ConfigError(f"--pull-retries must lie in [0, 10], got {cfg.pull_retries}")
     if cfg.stream_interval > 1024:
         raise ConfigError(f"--stream-interval must be at most 1024, got {cfg.stream_interval}")
-    if not 0 <= cfg.prefill_chunk_tokens <= 1 << 20:
-        raise ConfigError(
-            f"--prefill-chunk-tokens must lie in [0, 2**20], got {cfg.prefill_chunk_tokens}"
-        )
-    if not 0 <= cfg.max_waiting <= 1 << 20:
-        raise ConfigError(f"--max-waiting must lie in [0, 2**20], got {cfg.max_waiting}")
+    for name in ("max_waiting", "prefill_chunk_tokens"):
+        if not 0 <= getattr(cfg, name) <= 1 << 20:
+            flag = name.replace("_", "-")
+            raise ConfigError(f"--{flag} must lie in [0, 2**20], got {getattr(cfg, name)}")
     if cfg.max_batch > 4096:
         raise ConfigError(f"--max-batch must be at most 4096, got {cfg.max_batch}")
     if not 0 <= cfg.guard_bytes <= 1 << 30:
