@@ -27,10 +27,9 @@ Same arguments, masks, positions (T > 1 causal, window) and output contract as
 partial outputs and log-sum-exps for its stage 2). Requires sm_90 (wgmma), 16-bit
 q and a cache of the same dtype, or a float8_e4m3fn cache (``KV8``), 8 warps.
 
-``mla_decode_hopper_x`` takes schedule options besides (``ONE_ID``, ``PV_WAIT``,
-``P_SMEM``, ``LAZY_L``: ``TritonConfig.one_id`` etc.); ``triton_config.gluon_mla_config``
-turns on ``ONE_ID`` + ``P_SMEM`` for 16-bit latents and ``ONE_ID`` for fp8 ones, and
-``mla_decode_hopper`` is the kernel with all of them off.
+Schedule options (constexprs ``ONE_ID``, ``PV_WAIT``, ``P_SMEM``, ``LAZY_L``, ``DUP_S``,
+``PV_OVERLAP``: ``TritonConfig`` fields); ``triton_config.gluon_mla_config`` turns on
+``ONE_ID`` + ``P_SMEM`` for 16-bit latents, ``ONE_ID`` (+ ``DUP_S`` at T = 1) for fp8.
 
 fp8 latent (``KV8``): the ring holds fp8 pages (half the bytes per key, so 32-key
 tiles fit 4 deep); each landed tile is widened to q's dtype into one of two
@@ -131,41 +130,10 @@ def mla_decode_hopper(
     CAUSAL: gl.constexpr, WINDOW: gl.constexpr, PRECISION: gl.constexpr,
     UPCAST: gl.constexpr, FUSED: gl.constexpr, NUM_STAGES: gl.constexpr, DUP_S: gl.constexpr,
     KV8: gl.constexpr, PV_OVERLAP: gl.constexpr,
-):  # fmt: skip
-    """``mla_decode_hopper_x`` with every option off (the schedule before 2026-12-03)."""
-    mla_decode_hopper_x(
-        q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, o_ptr, lse_ptr, ks_ptr, vs_ptr, out_ptr, sem_ptr,
-        qk_scale, k_scale, v_scale,
-        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-        stride_vb, stride_vt, stride_vh, stride_btb,
-        stride_ob, stride_ot, stride_oh, stride_os, stride_lb, stride_lt, stride_lh,
-        stride_fb, stride_ft, stride_fh, num_blocks, max_pages, tokens_per_split, group, n_tok,
-        window, PAGE, HEAD_TILES, DV_TILES, DA, DT, DV, BLOCK_DA, BLOCK_DT, BLOCK_DV, BLOCK_H,
-        BLOCK_N, V_SHARED, DIRECT, K_SCALE_PTR, V_SCALE_PTR, CAUSAL, WINDOW, PRECISION, UPCAST,
-        FUSED, NUM_STAGES, DUP_S, KV8, PV_OVERLAP,
-        False, False, False, False,
-    )  # fmt: skip
-
-
-@gluon.jit(do_not_specialize=_DYNAMIC)
-def mla_decode_hopper_x(
-    q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, o_ptr, lse_ptr, ks_ptr, vs_ptr, out_ptr, sem_ptr,
-    qk_scale, k_scale, v_scale,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh, stride_btb,
-    stride_ob, stride_ot, stride_oh, stride_os, stride_lb, stride_lt, stride_lh,
-    stride_fb, stride_ft, stride_fh, num_blocks, max_pages, tokens_per_split, group, n_tok, window,
-    PAGE: gl.constexpr, HEAD_TILES: gl.constexpr, DV_TILES: gl.constexpr,
-    DA: gl.constexpr, DT: gl.constexpr, DV: gl.constexpr,
-    BLOCK_DA: gl.constexpr, BLOCK_DT: gl.constexpr, BLOCK_DV: gl.constexpr,
-    BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, V_SHARED: gl.constexpr,
-    DIRECT: gl.constexpr, K_SCALE_PTR: gl.constexpr, V_SCALE_PTR: gl.constexpr,
-    CAUSAL: gl.constexpr, WINDOW: gl.constexpr, PRECISION: gl.constexpr,
-    UPCAST: gl.constexpr, FUSED: gl.constexpr, NUM_STAGES: gl.constexpr, DUP_S: gl.constexpr,
-    KV8: gl.constexpr, PV_OVERLAP: gl.constexpr,
     ONE_ID: gl.constexpr, PV_WAIT: gl.constexpr, P_SMEM: gl.constexpr, LAZY_L: gl.constexpr,
 ):  # fmt: skip
-    """The kernel, with schedule options (bench/decode_mla_sweep.py times them):
+    """One program: 64 query rows x one split. Schedule options
+    (bench/decode_mla_sweep.py times them):
     ONE_ID: one scalar block id per tile (needs PAGE % BLOCK_N == 0), fewer registers;
     PV_WAIT: P V retires at the end of its own iteration (no wgmma in flight over the
     loop's back edge: without dup scores ptxas then keeps the wgmma pipelined, C7515);

@@ -39,9 +39,9 @@ class TritonConfig:
     kernel: str = "triton"  # "triton": the portable kernel; "gluon": the Hopper MLA kernel
     dup_scores: bool = False  # gluon: both warpgroups compute all of S (warp-local softmax)
     pv_overlap: bool = False  # gluon: P V in flight under the next scores' MMAs (C7514)
-    # gluon (mla_decode_hopper_x when any is on; gluon_mla_config picks): one block id per
-    # tile (block_size a multiple of block_n), P V retired in its own iteration, P through
-    # shared memory (implies pv_wait), row sums reduced once after the walk
+    # gluon (gluon_mla_config picks): one block id per tile (when block_size is a multiple
+    # of block_n), P V retired in its own iteration, P through shared memory (implies
+    # pv_wait), row sums reduced once after the walk
     one_id: bool = False
     pv_wait: bool = False
     p_smem: bool = False

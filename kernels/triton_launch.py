@@ -159,12 +159,10 @@ def _plan(p: DecodeProblem, cfg: TritonConfig, device: torch.device) -> tuple[La
 
         stage1 = gluon_mla.mla_decode_hopper
         meta.update(NUM_STAGES=cfg.num_stages, DUP_S=cfg.dup_scores, num_stages=1,
-                    KV8=p.kv_dtype == torch.float8_e4m3fn, PV_OVERLAP=cfg.pv_overlap)  # fmt: skip
-        if cfg.one_id or cfg.pv_wait or cfg.p_smem or cfg.lazy_l:  # any schedule option
-            stage1 = gluon_mla.mla_decode_hopper_x
-            meta.update(ONE_ID=cfg.one_id and p.block_size % cfg.block_n == 0,
-                        PV_WAIT=cfg.pv_wait or cfg.p_smem, P_SMEM=cfg.p_smem,
-                        LAZY_L=cfg.lazy_l)  # fmt: skip
+                    KV8=p.kv_dtype == torch.float8_e4m3fn, PV_OVERLAP=cfg.pv_overlap,
+                    ONE_ID=cfg.one_id and p.block_size % cfg.block_n == 0,
+                    PV_WAIT=cfg.pv_wait or cfg.p_smem, P_SMEM=cfg.p_smem,
+                    LAZY_L=cfg.lazy_l)  # fmt: skip
     stage2 = dict(
         DV=dv, BLOCK_DV=max(16, triton.next_power_of_2(dv)),
         BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,

@@ -72,7 +72,7 @@ def test_v_not_a_prefix_of_k_is_refused():
 
 
 def _compile(direct: bool, causal: bool, window: bool, block_n: int, stages: int, dup: bool,
-             kv8: bool = False):  # fmt: skip
+             kv8: bool = False, one_id: bool = False, p_smem: bool = False):  # fmt: skip
     triton = pytest.importorskip("triton")
     pytest.importorskip("triton.experimental.gluon")
     from kvbridge.kernels.gluon_mla import mla_decode_hopper as k
@@ -90,7 +90,8 @@ def _compile(direct: bool, causal: bool, window: bool, block_n: int, stages: int
                   BLOCK_DT=64, BLOCK_DV=512, BLOCK_H=64, BLOCK_N=block_n, V_SHARED=True,
                   DIRECT=direct, K_SCALE_PTR=False, V_SCALE_PTR=False, CAUSAL=causal,
                   WINDOW=window, PRECISION="tf32", UPCAST=False, FUSED=False,
-                  NUM_STAGES=stages, DUP_S=dup, KV8=kv8, PV_OVERLAP=False)  # fmt: skip
+                  NUM_STAGES=stages, DUP_S=dup, KV8=kv8, PV_OVERLAP=False, ONE_ID=one_id,
+                  PV_WAIT=p_smem, P_SMEM=p_smem, LAZY_L=False)  # fmt: skip
     sig = {n: "constexpr" if n in consts else types.get(n, "i64") for n in k.arg_names}
     aligned = [*ptrs, "stride_kb", "stride_kt", "stride_qb", "stride_qh", "stride_ob"]
     attrs = {(k.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
@@ -104,18 +105,21 @@ def _compile(direct: bool, causal: bool, window: bool, block_n: int, stages: int
 
 
 @pytest.mark.parametrize(
-    "direct,causal,window,block_n,stages,dup,kv8",
+    "direct,causal,window,block_n,stages,dup,kv8,one_id,p_smem",
     [
-        (True, False, False, 64, 2, True, False),
-        (False, True, True, 64, 2, True, False),
-        (True, False, False, 64, 2, False, False),
-        (True, False, False, 32, 3, False, False),
-        (True, False, False, 32, 4, False, True),  # fp8 latent: the default fp8 config
-        (False, True, True, 32, 4, True, True),
+        (True, False, False, 64, 2, False, False, True, True),  # the bf16 default
+        (False, True, True, 64, 2, False, False, True, True),
+        (True, False, False, 64, 2, True, False, False, False),
+        (False, True, True, 64, 2, True, False, False, False),
+        (True, False, False, 64, 2, False, False, False, False),
+        (True, False, False, 32, 3, False, False, False, False),
+        (True, False, False, 32, 4, True, True, True, False),  # the fp8 default at T = 1
+        (False, True, True, 32, 4, False, True, True, False),
     ],
 )
-def test_kernel_compiles_for_sm90(direct, causal, window, block_n, stages, dup, kv8):
-    c = _compile(direct, causal, window, block_n, stages, dup, kv8)
+def test_kernel_compiles_for_sm90(direct, causal, window, block_n, stages, dup, kv8, one_id,
+                                  p_smem):  # fmt: skip
+    c = _compile(direct, causal, window, block_n, stages, dup, kv8, one_id, p_smem)
     ptx = c.asm["ptx"]
     # Q K^T: 576 / 16 k-steps, P V: block_n / 16 k-steps, each one wgmma per warpgroup
     assert len(re.findall(r"wgmma\.mma_async", ptx)) == 576 // 16 + block_n // 16
