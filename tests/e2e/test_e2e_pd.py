@@ -131,6 +131,17 @@ def test_tokens_match_monolithic_across_two_prefill_daemons(cluster, reference):
         assert t.dst_layout == cluster.decode_layout
         src_layouts.add((t.prefill_target, t.src_layout))
     assert len(src_layouts) == 2  # round robin used both prefill daemons (both layouts)
+    # each request's time to first token by phase (bench/ttft_phases.py reads these)
+    log = cluster.decode.log_path.read_text().splitlines()
+    marks = {}
+    for line in log:
+        rec = json.loads(line) if line.startswith("{") else {}
+        if rec.get("msg") == "first token":
+            marks[rec["request_id"]] = rec
+    for i in range(len(PROMPTS)):
+        m = marks[f"seq-{i}"]
+        assert m["to_prefilled_s"] > 0 and m["to_pulled_s"] > 0 and m["to_first_token_s"] >= 0
+        assert "to_verified_s" not in m  # no checksum asked for
 
 
 def test_concurrent_generations_match_monolithic(cluster, reference):
