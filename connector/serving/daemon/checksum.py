@@ -27,14 +27,14 @@ def kv_checksum(cache: KVCache, block_ids: Sequence[int], num_tokens: int) -> st
     bs = first.shape[1]
     if len(block_ids) * bs < num_tokens:
         raise ValueError(f"{len(block_ids)} blocks of {bs} tokens cannot hold {num_tokens} tokens")
-    idx = torch.as_tensor(list(block_ids), dtype=torch.long, device=first.device)
+    # token t at (block_ids[t // bs], t % bs): one gather per view, in logical order (each
+    # torch call is a GIL round trip, slow in a busy daemon)
+    t = torch.arange(num_tokens)
+    blk = torch.as_tensor(list(block_ids), dtype=torch.long)[t // bs].to(first.device)
+    slot = (t % bs).to(first.device)
     names = sorted(cache.layers)
-    parts = []  # every layer's and view's tokens, gathered on the cache's device
-    for name in names:
-        for view in cache.layers[name]:
-            x = view.index_select(0, idx)  # (n, bs, ...): a copy, in logical order
-            x = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])[:num_tokens].contiguous()
-            parts.append(x.view(torch.uint8).reshape(-1))
+    parts = [view[blk, slot].view(torch.uint8).reshape(-1)  # (tokens, ...) -> bytes
+             for name in names for view in cache.layers[name]]  # fmt: skip
     # ONE copy to the host: on a GPU each copy waits for all queued work (decode steps)
     host = torch.cat(parts).cpu().numpy()
     at, views = 0, iter(parts)
