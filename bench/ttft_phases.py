@@ -28,7 +28,7 @@ def records(path: Path, msg: str) -> list[dict]:
             d = json.loads(line)
         except ValueError:
             continue
-        if d.get("msg") == msg:
+        if isinstance(d, dict) and d.get("msg") == msg:  # native libraries write lines too
             out.append(d)
     return out
 

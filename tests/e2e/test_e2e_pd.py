@@ -7,11 +7,13 @@ monolithic run of the same model token for token.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -41,6 +43,7 @@ LAYOUTS = {
 }
 PROMPTS = ["The quick brown fox", "Disaggregated prefill, paged decode", "KV" * 20, "é✓ unicode"]
 MAX_NEW = 8
+TTFT_PHASES = Path(__file__).resolve().parents[2] / "bench" / "ttft_phases.py"
 CFG = ModelConfig()
 
 
@@ -131,13 +134,12 @@ def test_tokens_match_monolithic_across_two_prefill_daemons(cluster, reference):
         assert t.dst_layout == cluster.decode_layout
         src_layouts.add((t.prefill_target, t.src_layout))
     assert len(src_layouts) == 2  # round robin used both prefill daemons (both layouts)
-    # each request's time to first token by phase (bench/ttft_phases.py reads these)
-    log = cluster.decode.log_path.read_text().splitlines()
-    marks = {}
-    for line in log:
-        rec = json.loads(line) if line.startswith("{") else {}
-        if rec.get("msg") == "first token":
-            marks[rec["request_id"]] = rec
+    # each request's time to first token by phase, as bench/ttft_phases.py reads them
+    spec = importlib.util.spec_from_file_location("ttft_phases", TTFT_PHASES)
+    phases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(phases)
+    first = phases.records(cluster.decode.log_path, "first token")
+    marks = {rec["request_id"]: rec for rec in first}
     for i in range(len(PROMPTS)):
         m = marks[f"seq-{i}"]
         assert m["to_prefilled_s"] > 0 and m["to_pulled_s"] > 0 and m["to_first_token_s"] >= 0
