@@ -44,14 +44,14 @@ $(BUF):
 	else echo "note: npm not found; the buf lint test will skip"; fi
 
 test-deploy: install
-	$(PY) -m pytest tests/deploy
+	$(VENV)/bin/pytest tests/deploy
 
 demo: install
 	$(VENV)/bin/kvbridge demo
 
 test: install
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
