@@ -239,36 +239,44 @@ def graph_check(device: str) -> dict:
 def timed_steps(step, state, b: int, context: int, pages: int, n: int) -> float:
     """Milliseconds per ``step(b)`` (read-back of the next tokens included) over rows of
     ``context`` tokens, row ``r`` in blocks ``[r * pages, (r + 1) * pages)``; positions
-    are reset before each step (CUDA)."""
+    are reset before each step; ``max_len`` as the engine passes it (the CPU path
+    attends all rows at once)."""
     for r in range(b):
         state.set_row(r, 1, context, list(range(r * pages, (r + 1) * pages)), (0.0, 1.0, 0, 0))
     for _ in range(3):
-        step(b, False)
-    torch.cuda.synchronize()
+        step(b, False, context + 1)
+    if state.device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(n):
         state.positions[:b] = context
-        step(b, False)
+        step(b, False, context + 1)
     return 1e3 * (time.perf_counter() - t0) / n
 
 
-def step_scaling(device: str, dtype: str, context: int) -> list[dict]:
+def step_scaling(
+    device: str, dtype: str, context: int, mcfg: ModelConfig, batches: tuple[int, ...]
+) -> list[dict]:
     """In-process ceiling of the engine: ``DecodeStep`` alone (no daemons, no transfers)
-    on the bench model, rows of ``context`` tokens of (random) cache; eager vs graphs."""
+    on the bench model, rows of ``context`` tokens of (random) cache; eager vs graphs
+    (CUDA), one torch thread as the daemons (CPU)."""
     from kvbridge.connector.serving.engine.batch_state import BatchState
     from kvbridge.connector.serving.engine.step import DecodeStep
     from kvbridge.connector.serving.model import allocate_cache
 
-    model = LlamaModel(GPU_MODEL, _weights(GPU_MODEL, dtype, device))
-    pages = -(-(context + 64) // BLOCK_SIZE)
-    cache = allocate_cache(model, "nhd", 64 * pages + 1, BLOCK_SIZE)
+    cuda = device.startswith("cuda")
+    if not cuda:
+        torch.set_num_threads(1)
+    model = LlamaModel(mcfg, _weights(mcfg, dtype, device))
+    pages, most = -(-(context + 64) // BLOCK_SIZE), max(batches)
+    cache = allocate_cache(model, "nhd", most * pages + 1, BLOCK_SIZE)
     rows = []
-    for graphs in (False, True):
-        state = BatchState(64, pages, model.device, pad_block=64 * pages)
+    for graphs in (False, True) if cuda else (False,):
+        state = BatchState(most, pages, model.device, pad_block=most * pages)
         step = DecodeStep(model, cache, state, cuda_graphs=graphs)
         step.capture()
-        for b in (1, 8, 32, 64):
-            ms = timed_steps(step, state, b, context, pages, 30)
+        for b in batches:
+            ms = timed_steps(step, state, b, context, pages, 30 if cuda else 200)
             rows.append({"graphs": graphs, "batch": b, "step_ms": round(ms, 3),
                          "tok_s": round(b * 1e3 / ms, 1)})  # fmt: skip
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -289,6 +297,28 @@ def phase_means(m0: dict, m1: dict) -> dict:
         if n:
             out[short] = round(1e3 * (m1[f"{key}_sum"] - m0.get(f"{key}_sum", 0)) / n, 2)
     return out
+
+
+def first_difference(model: LlamaModel, prompt: list[int], got: list[int], want: list[int]):
+    """Where the daemon's tokens leave the monolithic run, and the monolithic logits'
+    margin there (its token's logit minus the daemon's): a margin near 0 is a near-tie
+    that a different batch size's rounding can flip, a large one is a wrong result."""
+    from kvbridge.connector.serving.model import allocate_cache
+    from kvbridge.connector.serving.model.generate import blocks_needed
+
+    at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
+    if at is None:  # one is a prefix of the other (a stop token, or a short stream)
+        return {"at": min(len(got), len(want)), "got_len": len(got), "want_len": len(want)}
+    n = blocks_needed(len(prompt) + len(want), BLOCK_SIZE)
+    cache, blocks = allocate_cache(model, "nhd", n, BLOCK_SIZE), list(range(n))
+    table = torch.tensor([blocks], dtype=torch.int32, device=model.device)
+    logits = model.prefill(prompt, cache, blocks).reshape(-1)
+    for i in range(at):
+        logits = model.decode_step([want[i]], [len(prompt) + i], cache, table)[0]
+    top = logits.float()
+    margin = float(top[want[at]] - top[got[at]])
+    return {"at": at, "got": got[at], "want": want[at], "margin": margin,
+            "rel_margin": margin / max(float(top.abs().max()), 1e-30)}  # fmt: skip
 
 
 def model_args(m: ModelConfig) -> list[str]:
@@ -328,7 +358,7 @@ def main() -> int:
         help="the daemons' log level ('info' logs each pull's post, wait and finish seconds)",
     )
     ap.add_argument("--step-scaling", action="store_true", help="only the in-process "
-                    "DecodeStep timing (GPU model, eager vs CUDA graphs), then exit")  # fmt: skip
+                    "DecodeStep timing (bench model; eager vs CUDA graphs), then exit")  # fmt: skip
     ap.add_argument("--graph-check", action="store_true", help="first: the engine with and "
                     "without CUDA graphs vs the monolithic run, in process")  # fmt: skip
     args = ap.parse_args()
@@ -336,7 +366,8 @@ def main() -> int:
     device, dtype = ("cuda:0", "bfloat16") if gpu else ("cpu", "float32")
     mcfg = GPU_MODEL if gpu else ModelConfig()
     if args.step_scaling:
-        rows = step_scaling(device, dtype, args.prompt_len or 256)
+        batches = (1, 8, 32, 64) if gpu else (1, 8)
+        rows = step_scaling(device, dtype, args.prompt_len or (256 if gpu else 64), mcfg, batches)
         if args.out:
             Path(args.out).write_text(json.dumps({"step_scaling": rows}, indent=1) + "\n")
         return 0
@@ -398,9 +429,12 @@ def main() -> int:
                 row["step_mean_ms"] = round(1e3 * d_sum / n_steps, 3)
                 row["batch_mean"] = round(d_rows / n_steps, 2)
             row["daemon_mean_ms"] = phase_means(m0, m1)
-            ok = 0
+            ok, row["mismatches"] = 0, []
             for p, toks in pairs[:check]:
-                ok += toks == generate_monolithic(model, p, args.max_new, block_size=BLOCK_SIZE)
+                want = generate_monolithic(model, p, args.max_new, block_size=BLOCK_SIZE)
+                ok += toks == want
+                if toks != want and len(row["mismatches"]) < 8:
+                    row["mismatches"].append(first_difference(model, p, toks, want))
             row["checked"], row["match_monolithic"] = min(check, len(pairs)), ok
             checked, matched, total = checked + row["checked"], matched + ok, total + len(pairs)
             try:
