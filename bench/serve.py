@@ -349,6 +349,8 @@ def main() -> int:
                     "--stream-interval (tokens per stream message)")  # fmt: skip
     ap.add_argument("--prefill-chunk", type=int, default=0, help="the prefill daemon's "
                     "--prefill-chunk-tokens (0: its default)")  # fmt: skip
+    ap.add_argument("--engine-process", default="auto", choices=("auto", "on", "off"),
+                    help="the decode daemon's --engine-process")  # fmt: skip
     ap.add_argument("--no-baseline", action="store_true", help="skip transformers generate")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ap.add_argument("--log-dir", default=None, help="the daemons' logs (default: a temp dir)")
@@ -390,6 +392,7 @@ def main() -> int:
                             str(args.prefill_chunk)], log_dir, name="prefill")  # fmt: skip
     extra = ["--no-cuda-graphs"] if args.no_cuda_graphs else []
     extra += ["--stream-interval", str(args.stream_interval)]
+    extra += ["--engine-process", args.engine_process]
     rng = random.Random(0)
     rows, checked, matched, total = [], 0, 0, 0
     graphs = None
@@ -461,6 +464,7 @@ def main() -> int:
             "python": platform.python_version(), "torch": torch.__version__,
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "backend": args.backend, "stream_interval": args.stream_interval,
+            "engine_process": args.engine_process,
             "prefill_chunk": args.prefill_chunk}  # fmt: skip
     if args.out:
         Path(args.out).write_text(

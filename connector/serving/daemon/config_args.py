@@ -23,6 +23,7 @@ FLAG_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "max-waiting",
             "max-requests",
             "cuda-graphs",
+            "engine-process",
             "stream-interval",
             "prefill-chunk-tokens",
         ),

@@ -35,17 +35,16 @@ from kvbridge.connector.serving.daemon.peer_calls import PeerCalls, PeerRefused,
 from kvbridge.connector.serving.daemon.prefill_pool import PrefillPool
 from kvbridge.connector.serving.daemon.pull import PullError
 from kvbridge.connector.serving.daemon.push import fetch
-from kvbridge.connector.serving.daemon.runtime import DaemonRuntime
+from kvbridge.connector.serving.daemon.runtime import DaemonRuntime, start_decode_engine
 from kvbridge.connector.serving.daemon.states import RequestRecord, RequestState
 from kvbridge.connector.serving.daemon.status import RequestFailedError, none_answered
 from kvbridge.connector.serving.engine import (
     Admission,
     AdmissionCancelledError,
-    DecodeEngine,
     QueueFullError,
     Sequence,
 )
-from kvbridge.connector.serving.engine.metrics import step_recorder
+from kvbridge.connector.serving.engine.process import EngineDeadError
 from kvbridge.connector.serving.model import blocks_needed
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2 as pb
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
@@ -75,11 +74,7 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
         # CUDA-graph padding rows write one scratch block no request owns
         pad = rt.allocator.allocate(1)[0] if graphs else 0
         self.admission = Admission(rt.allocator, cfg.max_waiting)
-        self.engine = DecodeEngine(
-            rt.model, rt.cache, max_batch=cfg.max_batch, cuda_graphs=graphs, pad_block=pad,
-            on_step=step_recorder(rt.metrics.registry, "decode"),
-            stream_interval=cfg.stream_interval,
-        ).start()  # fmt: skip
+        self.engine = start_decode_engine(rt, graphs, pad)
         self.latency = LatencyMetrics(rt.metrics.registry, rt.cfg.role)
 
     # -------------------------------------------------------------- Generate
@@ -164,7 +159,10 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
                     request_id, local, len(tokens), first, max_new, stop, sampling,
                     emit=lambda toks, fin, err: out.put((toks, fin, err)),
                 )  # fmt: skip
-                self.engine.submit(seq)
+                try:
+                    self.engine.submit(seq)
+                except EngineDeadError as exc:
+                    raise RequestFailedError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
                 for msg in self._stream(rec, seq, out, context, detok):
                     timer.observe(msg)
                     yield msg
@@ -441,8 +439,10 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
             try:
                 toks, finish, error = out.get(timeout=0.1)
             except queue.Empty:
-                if not context.is_active() or rid in self._aborted:
-                    self.engine.cancel(rid, "request aborted")
+                gone = not context.is_active() or rid in self._aborted
+                # unknown to the engine and left: no finish will come
+                if gone and not self.engine.cancel(rid, "request aborted") and seq.left.is_set():
+                    raise RequestFailedError(_CANCELLED, "request aborted") from None
                 continue
             while not finish:  # fell behind the engine: send what is queued at once
                 try:

@@ -4,7 +4,8 @@
   takes work: not while draining, and on a decode daemon not while no prefill daemon
   answers its health check.
 * liveness: ``kvbridge.liveness``. SERVING as long as the gRPC server runs, also while
-  draining, so a liveness probe never kills a drain.
+  draining, so a liveness probe never kills a drain; NOT_SERVING once the decode
+  engine process died (``fail``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ class HealthState:
         with self._lock:
             self._draining = True
             self._apply()
+
+    def fail(self, reason: str = "") -> None:
+        """A part the daemon cannot serve without died (the engine process): readiness
+        and liveness NOT_SERVING, so the orchestrator restarts the daemon."""
+        with self._lock:
+            self._draining = True
+            self._apply()
+            self.servicer.set(LIVENESS_SERVICE, _NOT_SERVING)
 
     @property
     def ready(self) -> bool:

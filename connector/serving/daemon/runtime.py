@@ -13,6 +13,9 @@ from kvbridge.connector.serving.daemon.guard import GuardBands
 from kvbridge.connector.serving.daemon.metrics import DaemonMetrics
 from kvbridge.connector.serving.daemon.quarantine import Quarantine
 from kvbridge.connector.serving.daemon.states import RequestRecord, RequestRegistry, RequestState
+from kvbridge.connector.serving.engine.loop import DecodeEngine
+from kvbridge.connector.serving.engine.metrics import step_recorder
+from kvbridge.connector.serving.engine.process import EngineProcess, share_cpu_memory
 from kvbridge.connector.serving.model import (
     ByteTokenizer,
     LlamaModel,
@@ -45,6 +48,20 @@ def build_model(cfg: DaemonConfig) -> LlamaModel:
         where = f"--model-path {cfg.model_path}: " if cfg.model_path else ""
         raise ConfigError(f"{where}{exc}") from None
     return LlamaModel(mcfg, weights, attention_backend=cfg.attention_backend, name=name)
+
+
+def start_decode_engine(rt: DaemonRuntime, graphs: bool, pad: int) -> DecodeEngine | EngineProcess:
+    """The decode daemon's running engine: in this process, or in its own with
+    ``--engine-process`` (threads and logging as here)."""
+    cfg = rt.cfg
+    kw = dict(max_batch=cfg.max_batch, cuda_graphs=graphs, pad_block=pad,
+              on_step=step_recorder(rt.metrics.registry, "decode"),
+              stream_interval=cfg.stream_interval)  # fmt: skip
+    if not cfg.use_engine_process:
+        return DecodeEngine(rt.model, rt.cache, **kw).start()
+    log_static = {"role": "decode-engine", "engine": cfg.name}
+    return EngineProcess(rt.model, rt.cache, **kw, torch_threads=cfg.torch_threads,
+                         log_level=cfg.log_level, log_static=log_static).start()  # fmt: skip
 
 
 def build_tokenizer(cfg: DaemonConfig, model: LlamaModel):
@@ -98,6 +115,8 @@ class DaemonRuntime:
             self.guard = GuardBands.wrap(self.cache, cfg.guard_bytes)
             self.cache = self.guard.cache
         self.model.check_cache(self.cache)
+        if cfg.use_engine_process:  # before the transfer engine registers the cache
+            share_cpu_memory(self.model, self.cache)
         self.allocator = BlockAllocator(cfg.num_blocks)
         self.quarantine = Quarantine(self.allocator, self.log)
         self.registry = RequestRegistry()

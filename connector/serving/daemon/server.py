@@ -136,6 +136,8 @@ class Daemon:
         self.health = health.HealthServicer()
         self.health_state = HealthState(self.health)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if hasattr(self.servicer, "engine"):  # a dead engine process fails liveness
+            self.servicer.engine.on_dead = self.health_state.fail
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )

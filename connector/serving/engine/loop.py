@@ -34,6 +34,22 @@ log = logging.getLogger("kvbridge.engine")
 _MASK32 = 0xFFFFFFFF
 
 
+def sequence_error(
+    seq: Sequence, block_size: int, num_blocks: int, reserved: int | None
+) -> str | None:
+    """Why ``seq`` cannot join a cache of ``num_blocks`` blocks of ``block_size``
+    (``reserved``: the CUDA graphs' padding block), or None."""
+    if not seq.capacity_ok(block_size):
+        return (
+            f"{seq.prompt_len} prompt + {seq.max_new} new tokens do not fit "
+            f"{len(seq.blocks)} blocks of {block_size}"
+        )
+    bad = [b for b in seq.blocks if not 0 <= b < num_blocks]
+    if bad or (reserved is not None and reserved in seq.blocks):
+        return f"block ids outside the cache or reserved: {bad[:4]}"
+    return None
+
+
 def fold_seed(seed: int) -> int:
     """A 64-bit seed folded to the 32 bits the device hash uses."""
     return (seed ^ (seed >> 32)) & _MASK32
@@ -53,13 +69,15 @@ class DecodeEngine:
         on_step: Callable[[int, float], None] | None = None,
         stream_interval: int = 1,
         overlap: bool | None = None,
+        on_iteration: Callable[[], None] | None = None,
     ) -> None:
         """``pad_block``: a block no sequence owns (padding rows of CUDA graphs write it);
         ``on_step(batch, seconds)`` is called after every step (metrics);
         ``stream_interval``: a sequence's tokens are emitted every that many steps
         (and when it finishes), so its stream sends fewer, larger messages;
         ``overlap``: queue each step before reading the previous one's tokens
-        (``None``: on CUDA)."""
+        (``None``: on CUDA); ``on_iteration()`` is called after each loop iteration
+        and once the loop ended (``EngineProcess`` sends what it collected)."""
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be positive, got {stream_interval}")
         self.stream_interval = stream_interval
@@ -68,6 +86,7 @@ class DecodeEngine:
         self.state = BatchState(max_batch, cache.num_blocks, model.device, pad_block)
         self.step = DecodeStep(model, cache, self.state, cuda_graphs)
         self.on_step = on_step
+        self.on_iteration = on_iteration
         self.steps = 0
         self.overlap = model.device.type == "cuda" if overlap is None else overlap
         self._thread: threading.Thread | None = None
@@ -97,16 +116,17 @@ class DecodeEngine:
 
     # ------------------------------------------------------------ any thread
     def submit(self, seq: Sequence) -> None:
-        """Join ``seq`` (its KV is in the cache, its blocks checked) at the next step."""
-        if not seq.capacity_ok(self.cache.block_size):
-            raise ValueError(
-                f"{seq.prompt_len} prompt + {seq.max_new} new tokens do not fit "
-                f"{len(seq.blocks)} blocks of {self.cache.block_size}"
-            )
-        bad = [b for b in seq.blocks if not 0 <= b < self.cache.num_blocks]
-        if bad or (self.state.pad_block in seq.blocks and self.step.cuda_graphs):
-            raise ValueError(f"block ids outside the cache or reserved: {bad[:4]}")
-        self.running.join(seq)
+        """Join ``seq`` (its KV is in the cache, its blocks checked) at the next step.
+        A refused sequence never joined: its ``left`` is set before the error is raised."""
+        reserved = self.state.pad_block if self.step.cuda_graphs else None
+        error = sequence_error(seq, self.cache.block_size, self.cache.num_blocks, reserved)
+        try:
+            if error:
+                raise ValueError(error)
+            self.running.join(seq)
+        except (ValueError, RuntimeError):
+            seq.left.set()
+            raise
 
     def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
         return self.running.cancel(request_id, reason)
@@ -182,6 +202,8 @@ class DecodeEngine:
                         self._fail_all(f"decode step failed: {type(exc).__name__}: {exc}")
                         pending = None
                         self._drain()
+                        if self.on_iteration is not None:
+                            self.on_iteration()
                         continue
                 if pending is not None:
                     self._finish(pending)
@@ -191,11 +213,15 @@ class DecodeEngine:
                         pending = launched
                     else:
                         self._finish(launched)
+                if self.on_iteration is not None:
+                    self.on_iteration()
         finally:
             for seq in list(self.running.active):
                 self._leave(seq)
                 seq.emit([], "failed", "the decode engine stopped")
             self._drain()
+            if self.on_iteration is not None:
+                self.on_iteration()
 
     def _launch(self, active: list[Sequence]) -> Launched:
         n = len(active)
