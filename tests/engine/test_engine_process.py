@@ -171,3 +171,15 @@ def test_stop_fails_what_still_runs_and_unshared_memory_is_refused():
     cache = allocate_cache(model, "nhd", 8, BS)
     with pytest.raises(ValueError, match="shared memory"):
         EngineProcess(model, cache).start()
+
+
+def test_too_little_shared_memory_is_a_clear_error(monkeypatch, tmp_path):
+    import kvbridge.connector.serving.engine.process as proc
+
+    model = LlamaModel.random(CFG)
+    cache = allocate_cache(model, "nhd", 8, BS)
+    small = os.statvfs_result((4096, 4096, 100, 1, 1, 10, 1, 1, 0, 255))  # 4 KiB free
+    monkeypatch.setattr(proc.os, "statvfs", lambda path: small)
+    with pytest.raises(MemoryError, match="MiB free: give it more"):
+        share_cpu_memory(model, cache, shm=str(tmp_path))
+    assert not cache.backing[0].is_shared()  # nothing moved

@@ -116,7 +116,10 @@ class DaemonRuntime:
             self.cache = self.guard.cache
         self.model.check_cache(self.cache)
         if cfg.use_engine_process:  # before the transfer engine registers the cache
-            share_cpu_memory(self.model, self.cache)
+            try:
+                share_cpu_memory(self.model, self.cache)
+            except MemoryError as exc:
+                raise ConfigError(str(exc)) from None
         self.allocator = BlockAllocator(cfg.num_blocks)
         self.quarantine = Quarantine(self.allocator, self.log)
         self.registry = RequestRegistry()

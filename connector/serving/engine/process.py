@@ -53,11 +53,24 @@ def _cpu_tensors(weights, cache: KVCache) -> list[torch.Tensor]:
     return [t for t in tensors if t.device.type == "cpu"]
 
 
-def share_cpu_memory(model: LlamaModel, cache: KVCache) -> None:
+def share_cpu_memory(model: LlamaModel, cache: KVCache, shm: str = "/dev/shm") -> None:
     """Move the CPU weights and cache allocations into shared memory, in place (every
     view follows). Call it before anything records their addresses (transfer-engine
-    registration): the data moves."""
-    for t in _cpu_tensors(model.w, cache):
+    registration): the data moves. ``MemoryError`` (naming both sizes) when ``shm``
+    has less room than they need: a full tmpfs would crash the copy with SIGBUS."""
+    tensors = [t for t in _cpu_tensors(model.w, cache) if not t.is_shared()]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    need = sum(storages.values())
+    if need and os.path.isdir(shm):
+        st = os.statvfs(shm)
+        free = st.f_bavail * st.f_frsize
+        if need > free:
+            raise MemoryError(
+                f"the decode engine process shares {need / 2**20:.0f} MiB of weights and KV "
+                f"cache through {shm}, which has {free / 2**20:.0f} MiB free: give it more "
+                "(Kubernetes: the chart's shm.sizeLimit) or run --engine-process off"
+            )
+    for t in tensors:
         t.share_memory_()
 
 
