@@ -108,15 +108,13 @@ def _child(spec: _Spec, commands, out) -> None:
     setup_logging(spec.log_level, **spec.log_static)
     if spec.torch_threads > 0:
         torch.set_num_threads(spec.torch_threads)
-    events: list = []
-    lock = threading.Lock()
+    events: list = []  # appended by the engine thread (and this one, rarely)
 
     def flush() -> None:
-        with lock:
-            if not events:
-                return
-            batch = events[:]
-            events.clear()
+        batch = events[:]
+        if not batch:
+            return
+        del events[: len(batch)]  # what was appended meanwhile stays for the next flush
         try:
             out.send(batch)
         except OSError:  # the parent is gone: nothing to serve
