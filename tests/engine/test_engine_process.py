@@ -112,9 +112,10 @@ def test_cancel_frees_one_sequence_while_the_other_goes_on(rig):
     assert not rig.engine.cancel("long")  # gone
 
 
-def test_cancel_of_a_sequence_still_waiting_for_a_row_reaches_its_stream(rig):
+def test_cancel_of_a_sequence_still_waiting_for_a_row_reaches_its_stream():
     """Its "left" comes up before its "cancelled" in the same message: both arrive."""
-    full = [rig.submit(f"f{i}", _prompt(3, 60 + i), 60) for i in range(4)]  # max_batch
+    rig = Rig(num_blocks=1024)  # rows busy for 1000 steps: none frees before the cancel
+    full = [rig.submit(f"f{i}", _prompt(3, 60 + i), 1000) for i in range(4)]  # max_batch
     for _, out in full:
         assert out.get(timeout=30)[1] is None
     waiting, w_out = rig.submit("waiting", _prompt(3, 70), 10)
@@ -123,6 +124,7 @@ def test_cancel_of_a_sequence_still_waiting_for_a_row_reaches_its_stream(rig):
     for i, (seq, _) in enumerate(full):
         rig.engine.cancel(f"f{i}")
         assert seq.left.wait(10)
+    rig.engine.stop()
 
 
 def test_bad_sequences_are_refused_here_and_count_as_left(rig):
