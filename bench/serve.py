@@ -303,19 +303,12 @@ def first_difference(model: LlamaModel, prompt: list[int], got: list[int], want:
     """Where the daemon's tokens leave the monolithic run, and the monolithic logits'
     margin there (its token's logit minus the daemon's): a margin near 0 is a near-tie
     that a different batch size's rounding can flip, a large one is a wrong result."""
-    from kvbridge.connector.serving.model import allocate_cache
-    from kvbridge.connector.serving.model.generate import blocks_needed
-
     at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
     if at is None:  # one is a prefix of the other (a stop token, or a short stream)
         return {"at": min(len(got), len(want)), "got_len": len(got), "want_len": len(want)}
-    n = blocks_needed(len(prompt) + len(want), BLOCK_SIZE)
-    cache, blocks = allocate_cache(model, "nhd", n, BLOCK_SIZE), list(range(n))
-    table = torch.tensor([blocks], dtype=torch.int32, device=model.device)
-    logits = model.prefill(prompt, cache, blocks).reshape(-1)
-    for i in range(at):
-        logits = model.decode_step([want[i]], [len(prompt) + i], cache, table)[0]
-    top = logits.float()
+    seen: list[torch.Tensor] = []  # the monolithic run again, up to token ``at``
+    generate_monolithic(model, prompt, at + 1, block_size=BLOCK_SIZE, on_logits=seen.append)
+    top = seen[at].float()
     margin = float(top[want[at]] - top[got[at]])
     return {"at": at, "got": got[at], "want": want[at], "margin": margin,
             "rel_margin": margin / max(float(top.abs().max()), 1e-30)}  # fmt: skip

@@ -439,10 +439,8 @@ class DecodeServicer(pb_grpc.KVBridgeServiceServicer):
             try:
                 toks, finish, error = out.get(timeout=0.1)
             except queue.Empty:
-                gone = not context.is_active() or rid in self._aborted
-                # unknown to the engine and left: no finish will come
-                if gone and not self.engine.cancel(rid, "request aborted") and seq.left.is_set():
-                    raise RequestFailedError(_CANCELLED, "request aborted") from None
+                if not context.is_active() or rid in self._aborted:
+                    self.engine.cancel(rid, "request aborted")
                 continue
             while not finish:  # fell behind the engine: send what is queued at once
                 try:

@@ -31,6 +31,7 @@ from kvbridge.connector.serving.daemon.logs import setup_engine_logging, setup_l
 from kvbridge.connector.serving.daemon.metrics import DaemonMetrics
 from kvbridge.connector.serving.daemon.runtime import DaemonRuntime
 from kvbridge.connector.serving.daemon.security import ServerAuth, TokenAuthInterceptor
+from kvbridge.connector.serving.engine.process import EngineProcess
 from kvbridge.proto.kvbridge.v1 import kvbridge_pb2_grpc as pb_grpc
 
 SWITCH_INTERVAL_SECONDS = 0.0005
@@ -136,8 +137,9 @@ class Daemon:
         self.health = health.HealthServicer()
         self.health_state = HealthState(self.health)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        if hasattr(self.servicer, "engine"):  # a dead engine process fails liveness
-            self.servicer.engine.on_dead = self.health_state.fail
+        engine = getattr(self.servicer, "engine", None)
+        if isinstance(engine, EngineProcess):  # a dead engine process fails liveness
+            engine.on_dead = self.health_state.fail
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )

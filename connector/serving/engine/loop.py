@@ -202,9 +202,6 @@ class DecodeEngine:
                         self._fail_all(f"decode step failed: {type(exc).__name__}: {exc}")
                         pending = None
                         self._drain()
-                        if self.on_iteration is not None:
-                            self.on_iteration()
-                        continue
                 if pending is not None:
                     self._finish(pending)
                     pending = None

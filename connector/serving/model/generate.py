@@ -5,7 +5,7 @@ This is the reference the disaggregated path must match token for token.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from kvbridge.connector.serving.model.llama import LlamaModel
@@ -44,8 +44,10 @@ def generate_monolithic(
     block_size: int = 16,
     cache: KVCache | None = None,
     stop_ids: Sequence[int] = (),
+    on_logits: Callable[[torch.Tensor], None] | None = None,
 ) -> list[int]:
-    """Greedy tokens of ``prompt_ids`` (first from the prefill logits, then decode steps)."""
+    """Greedy tokens of ``prompt_ids`` (first from the prefill logits, then decode steps);
+    ``on_logits`` gets the logits (V,) each token was picked from."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     total = len(prompt_ids) + max_new_tokens
@@ -54,10 +56,14 @@ def generate_monolithic(
         cache = allocate_cache(model, layout, n, block_size)
     blocks = list(range(n))
     table = torch.tensor([blocks], dtype=torch.int32, device=model.device)
-    out = [int(model.prefill(prompt_ids, cache, blocks).argmax())]
+    hook = on_logits or (lambda logits: None)
+    logits = model.prefill(prompt_ids, cache, blocks).reshape(-1)
+    hook(logits)
+    out = [int(logits.argmax())]
     pos = len(prompt_ids)
     while len(out) < max_new_tokens and out[-1] not in stop_ids:
-        logits = model.decode_step([out[-1]], [pos], cache, table)
-        out.append(int(logits[0].argmax()))
+        logits = model.decode_step([out[-1]], [pos], cache, table)[0]
+        hook(logits)
+        out.append(int(logits.argmax()))
         pos += 1
     return out
