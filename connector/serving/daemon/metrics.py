@@ -12,7 +12,10 @@ OpenMetrics format, in the ``# UNIT`` metadata.
 
 from __future__ import annotations
 
+import socket
+import threading
 from dataclasses import dataclass, fields
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -23,8 +26,9 @@ from prometheus_client import (
     Gauge,
     Histogram,
     disable_created_metrics,
-    start_http_server,
+    make_wsgi_app,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 
 disable_created_metrics()  # process-wide: no *_created series
 
@@ -201,8 +205,26 @@ class DaemonMetrics:
 def serve_metrics(metrics: DaemonMetrics | CollectorRegistry, host: str, port: int):
     """Serve ``/metrics`` over HTTP in a daemon thread; returns ``(server, bound_port)``.
 
-    ``port`` 0 picks a free port. Stop with ``server.shutdown()``.
+    ``port`` 0 picks a free port. Stop with ``server.shutdown()``: the serving loop polls
+    every 50 ms (``prometheus_client.start_http_server`` polls every 0.5 s, which a
+    daemon's shutdown would wait for).
     """
     registry = metrics if isinstance(metrics, CollectorRegistry) else metrics.registry
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                flags=socket.AI_PASSIVE)[0][0]  # fmt: skip
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    server = make_server(host, port, make_wsgi_app(registry), Server, handler_class=_Quiet)
+    threading.Thread(
+        target=server.serve_forever, args=(0.05,), name="kvbridge-metrics", daemon=True
+    ).start()
     return server, server.server_port
+
+
+class _Quiet(WSGIRequestHandler):
+    """No access log line per scrape."""
+
+    def log_message(self, format: str, *args) -> None:
+        pass

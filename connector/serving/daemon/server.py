@@ -241,7 +241,7 @@ def run_daemon(cfg: DaemonConfig, stop_event: threading.Event | None = None) -> 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     daemon = Daemon(cfg)
-    while not stop.wait(0.5):
+    while not stop.wait(0.1):
         pass
     daemon.stop()
     return 0
