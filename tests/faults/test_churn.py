@@ -204,7 +204,7 @@ def test_hung_prefill_costs_one_request_timeout_and_no_lease(pair):
         with pytest.raises(grpc.RpcError) as err:
             gen(d, prompt_ids(1, 22), 4, timeout=1.0)
         assert err.value.code() == S.DEADLINE_EXCEEDED
-        assert time.monotonic() - t0 < 1.8
+        assert time.monotonic() - t0 < 2.5  # the 1 s deadline, not the 3 s request timeout
     finally:
         os.kill(prefill.proc.pid, signal.SIGCONT)
     wait_for(lambda: leased(p) == 0 and stats(p, False).blocks_in_use == 0, 10,
