@@ -112,7 +112,7 @@ def test_probe_fails_fast_when_nothing_listens():
         t0 = time.monotonic()
         with pytest.raises(PeerUnreachableError, match="refuses connections"):
             probe(f"127.0.0.1:{port}", 5.0)
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 3.0  # refused at once, not the 5 s timeout
         s.listen()
         probe(f"127.0.0.1:{port}", 5.0)  # listening: passes
 

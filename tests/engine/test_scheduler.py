@@ -70,7 +70,7 @@ def test_queue_bound_refuses_at_once():
     t0 = time.monotonic()
     with pytest.raises(QueueFullError, match="already wait"):
         adm.acquire("c", 1)
-    assert time.monotonic() - t0 < 0.5
+    assert time.monotonic() - t0 < 2.0  # refused at once (waiting would never end)
     adm.release(held)
     t.join(5)
     assert len(out["b"]) == 2

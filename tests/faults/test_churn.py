@@ -98,7 +98,8 @@ def test_cancelled_generations_leave_no_leases(pair):
     for e in outcomes:
         assert e is None or e.code() in (S.DEADLINE_EXCEEDED, S.CANCELLED), e
     took = wait_for(lambda: leased(p) == 0, 5, "leases of abandoned requests freed")
-    assert took < 1.5, f"abandoned leases freed only after {took:.2f} s"
+    # well before the 30 s lease (no expiry below): released, not expired
+    assert took < 3.0, f"abandoned leases freed only after {took:.2f} s"
     after = stats(p).counters
     assert after.lease_expiries == before.lease_expiries
     ids = prompt_ids(2, 7)

@@ -193,7 +193,7 @@ def test_abort_mid_transfer_never_hands_out_blocks_an_engine_may_write(pair, hea
     with pytest.raises(grpc.RpcError) as info:
         fut.result(timeout=30)
     assert info.value.code() == grpc.StatusCode.CANCELLED and "aborted" in info.value.details()
-    assert time.monotonic() - t0 < 2.0, "the abort waited for the transfer"
+    assert time.monotonic() - t0 < 4.0, "the abort waited for the transfer"  # ~8 s on the wire
     s = stats(pair.d, False)
     held = s.quarantined_blocks
     # the engine still writes the 6 blocks (an in-flight transfer is never cancelled
